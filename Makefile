@@ -1,0 +1,35 @@
+# prrtquant — the two commands of the README, plus benchmarks.
+#   make run    install into .venv if needed, run the workflow on the bundled synthetic cohort
+#   make test   install into .venv if needed, run the whole test suite
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+CORES ?= 2
+
+.PHONY: run test bench lint install clean-results
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+run: $(STAMP)
+	$(BIN)/snakemake --cores $(CORES) --configfile config.yaml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/snakemake --lint --configfile config.yaml
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run.py
+
+clean-results:
+	rm -rf results .snakemake

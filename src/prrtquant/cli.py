@@ -1,0 +1,130 @@
+"""The ``prrtquant`` command: one sub-command per workflow stage.
+
+Each sub-command is a thin layer over a library function, so a physicist can run one step on
+one patient by hand, and tests can call :func:`main` directly with an argument list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from . import __version__
+
+log = logging.getLogger("prrtquant")
+
+
+def _cmd_phantom(args: argparse.Namespace) -> int:
+    from .phantom.generator import generate_patient
+
+    truth = generate_patient(
+        args.out, design=args.design, size=args.size, seed=args.seed, pseudonym=args.pseudonym,
+        mean_er=args.mean_er, n_lesions=args.n_lesions, n_extrahepatic=args.n_extrahepatic,
+        treated_lobe=args.treated_lobe, noise=args.noise, deformation=args.deformation,
+        messy_names=args.messy_names, spect_format=args.spect_format,
+        nm_negative_spacing=args.nm_negative_spacing, with_mr=args.mr, layout=args.layout,
+        camera_cps_per_mbq=args.camera_cps_per_mbq)
+    er = truth["enhancement_ratio"]
+    log.info("wrote %s: %s design, %d lesions, %d sessions; true mean ER %.2f (eligible: %s)",
+             args.out, truth["design"], len(truth["lesions"]), len(truth["sessions"]),
+             er["true_patient"]["mean"], er["true_patient"]["eligible"])
+    return 0
+
+
+def _cmd_index(args: argparse.Namespace) -> int:
+    from .dicom_index import index_dicom
+    from .io import atomic_path
+
+    res = index_dicom(args.dicom_dir)
+    with atomic_path(args.out) as tmp:
+        res.series.to_csv(tmp, sep="\t", index=False)
+    log.info("%s: %d series, %d non-DICOM files ignored", args.dicom_dir, len(res.series), len(res.non_dicom))
+    return 0
+
+
+def _cmd_stack(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from .io import atomic_path
+
+    frames = []
+    for spec in args.table:
+        patient, _, path = spec.partition("=")
+        if not path:
+            raise ValueError(f"--table {spec!r}: expected PATIENT=PATH")
+        df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+        df.insert(0, "patient", patient)
+        frames.append(df)
+    out = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["patient"])
+    with atomic_path(args.out) as tmp:
+        out.to_csv(tmp, sep="\t", index=False)
+    log.info("stacked %d tables (%d rows) into %s", len(frames), len(out), args.out)
+    return 0
+
+
+def _get_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    common.add_argument("--log", type=Path, help="also write the log to this file")
+    p = argparse.ArgumentParser(prog="prrtquant", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"prrtquant {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    ph = sub.add_parser("phantom", parents=[common], help="write one synthetic patient (DICOM + truth.json)",
+                        description="Write one synthetic PRRT patient as DICOM, with truth.json and sheet.json.")
+    ph.add_argument("--out", required=True, type=Path, help="output directory (must not exist or be empty)")
+    ph.add_argument("--design", choices=["whole_liver_ia", "lobar_ia"], default="whole_liver_ia")
+    ph.add_argument("--size", choices=["tiny", "clinical"], default="tiny")
+    ph.add_argument("--seed", type=int, default=0)
+    ph.add_argument("--pseudonym", help="patient pseudonym (default SYN<seed>)")
+    ph.add_argument("--mean-er", type=float, help="true mean enhancement ratio of the IA-enhanced lesions")
+    ph.add_argument("--n-lesions", type=int, help="liver target lesions, 2-6")
+    ph.add_argument("--n-extrahepatic", type=int, choices=[1, 2])
+    ph.add_argument("--treated-lobe", choices=["left", "right"], help="lobar design: the IA-treated lobe")
+    ph.add_argument("--noise", type=float, default=0.0, help="relative emission noise level (0: noise free)")
+    ph.add_argument("--deformation", action="store_true", help="smooth liver deformation between sessions")
+    ph.add_argument("--messy-names", action="store_true", help="clinical ROI names ('Rt lobe', 'Target 1', ...)")
+    ph.add_argument("--spect-format", choices=["nm_counts", "nm_bqml", "pt_bqml"], default="nm_counts")
+    ph.add_argument("--nm-negative-spacing", action="store_true",
+                    help="NM frames head to feet with negative SpacingBetweenSlices")
+    ph.add_argument("--mr", action="store_true", help="add an MR session with target lesions drawn on it")
+    ph.add_argument("--layout", choices=["pacs", "flat"], default="pacs")
+    ph.add_argument("--camera-cps-per-mbq", type=float, default=9.6, help="SPECT camera sensitivity")
+    ph.set_defaults(func=_cmd_phantom)
+
+    ix = sub.add_parser("index", parents=[common], help="header-only index of the series in a DICOM folder",
+                        description="List every DICOM series below DICOM_DIR (headers only) as a TSV.")
+    ix.add_argument("dicom_dir", type=Path)
+    ix.add_argument("--out", required=True, type=Path, help="series table (TSV)")
+    ix.set_defaults(func=_cmd_index)
+
+    sk = sub.add_parser("stack", parents=[common], help="stack per-patient tables into a cohort table")
+    sk.add_argument("--table", action="append", default=[], metavar="PATIENT=PATH", help="repeat per patient")
+    sk.add_argument("--out", required=True, type=Path)
+    sk.set_defaults(func=_cmd_stack)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _get_parser()
+    args = parser.parse_args(argv)
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if args.log:
+        args.log.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(args.log))
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=handlers, force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
+    try:
+        return int(args.func(args))
+    except (FileExistsError, FileNotFoundError, ValueError, KeyError) as exc:
+        log.error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Header-only index of a DICOM export: which series are there, in which study and frame.
+
+This is the first step of ingest: every file is opened up to, not including, its pixel data;
+files that are not DICOM are ignored (and counted). No patient identifier is kept.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+SERIES_COLUMNS = ["study_instance_uid", "series_instance_uid", "frame_of_reference_uid", "modality",
+                  "sop_class_uid", "series_date", "series_time", "series_description", "n_files", "first_file"]
+
+
+@dataclass
+class IndexResult:
+    series: pd.DataFrame
+    non_dicom: list[str]
+
+
+def _is_dicom(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def index_dicom(root: str | Path) -> IndexResult:
+    """Group every DICOM file below ``root`` by series (reads headers only)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: not a directory")
+    rows: dict[str, dict[str, object]] = {}
+    non_dicom: list[str] = []
+    for dirpath, _, filenames in os.walk(root):
+        for fn in sorted(filenames):
+            p = Path(dirpath) / fn
+            rel = str(p.relative_to(root))
+            if not _is_dicom(p):
+                non_dicom.append(rel)
+                continue
+            try:
+                ds = pydicom.dcmread(p, stop_before_pixels=True)
+            except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+                raise ValueError(f"{p}: unreadable DICOM file ({exc})") from exc
+            uid = str(getattr(ds, "SeriesInstanceUID", ""))
+            if not uid:
+                raise ValueError(f"{p}: DICOM file without SeriesInstanceUID")
+            row = rows.get(uid)
+            if row is None:
+                rows[uid] = {
+                    "study_instance_uid": str(getattr(ds, "StudyInstanceUID", "")),
+                    "series_instance_uid": uid,
+                    "frame_of_reference_uid": str(getattr(ds, "FrameOfReferenceUID", "")),
+                    "modality": str(getattr(ds, "Modality", "")),
+                    "sop_class_uid": str(getattr(ds, "SOPClassUID", "")),
+                    "series_date": str(getattr(ds, "SeriesDate", "")),
+                    "series_time": str(getattr(ds, "SeriesTime", "")),
+                    "series_description": str(getattr(ds, "SeriesDescription", "")),
+                    "n_files": 1,
+                    "first_file": rel,
+                }
+            else:
+                row["n_files"] = int(row["n_files"]) + 1  # type: ignore[call-overload]
+                if rel < str(row["first_file"]):
+                    row["first_file"] = rel
+    df = pd.DataFrame(list(rows.values()), columns=SERIES_COLUMNS)
+    df = df.sort_values(["series_date", "series_time", "modality"]).reset_index(drop=True)
+    return IndexResult(series=df, non_dicom=sorted(non_dicom))

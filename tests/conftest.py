@@ -1,0 +1,57 @@
+"""Shared fixtures: the bundled synthetic cohort and readers that do not use prrtquant's writers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+
+ROOT = Path(__file__).resolve().parents[1]
+TEST_DATA = ROOT / "test_data"
+COHORT = ["P01", "P02", "P03"]
+
+
+@pytest.fixture(scope="session")
+def root() -> Path:
+    return ROOT
+
+
+def load_truth(patient: str) -> dict:
+    return json.loads((TEST_DATA / patient / "truth.json").read_text())
+
+
+def series_files(dicom_dir: Path) -> dict[str, list[Path]]:
+    """Series UID -> files, read from headers only (independent of the generator's layout)."""
+    out: dict[str, list[Path]] = {}
+    for p in sorted(dicom_dir.rglob("*")):
+        if not p.is_file():
+            continue
+        with open(p, "rb") as fh:
+            if fh.read(132)[128:132] != b"DICM":
+                continue
+        ds = pydicom.dcmread(p, stop_before_pixels=True)
+        out.setdefault(str(ds.SeriesInstanceUID), []).append(p)
+    return out
+
+
+def read_series_sitk(files: list[Path]) -> sitk.Image:
+    """A per-slice series through SimpleITK/GDCM, sorted by position, as float32."""
+    reader = sitk.ImageSeriesReader()
+    names = reader.GetGDCMSeriesFileNames(str(files[0].parent), str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID))
+    reader.SetFileNames(names)
+    reader.SetOutputPixelType(sitk.sitkFloat32)
+    return reader.Execute()
+
+
+def physical_points(img: sitk.Image) -> np.ndarray:
+    """Physical centres of all voxels, array (z, y, x, 3)."""
+    size = img.GetSize()
+    k, j, i = np.meshgrid(np.arange(size[2]), np.arange(size[1]), np.arange(size[0]), indexing="ij")
+    ijk = np.stack([i, j, k], axis=-1).reshape(-1, 3).astype(float)
+    d = np.asarray(img.GetDirection()).reshape(3, 3)
+    pts = (ijk * np.asarray(img.GetSpacing())) @ d.T + np.asarray(img.GetOrigin())
+    return pts.reshape(size[2], size[1], size[0], 3)

@@ -1,0 +1,27 @@
+# Configuration and sample sheet validation, wildcard constraints and input functions.
+import pandas as pd
+from snakemake.utils import validate
+
+
+validate(config, schema="../schemas/config.schema.yaml")
+
+PATIENTS = pd.read_csv(config["patients"], sep="\t", dtype=str, keep_default_na=False).set_index(
+    "patient", drop=False
+)
+validate(PATIENTS, schema="../schemas/patients.schema.yaml")
+
+RESULTS = config["results"]
+SHEET_DIR = Path(config["patients"]).parent
+
+
+wildcard_constraints:
+    patient="|".join(PATIENTS.index),
+
+
+def dicom_dir(wildcards):
+    """The patient's DICOM folder; relative paths in the sheet are relative to the sheet."""
+    return str(SHEET_DIR / PATIENTS.loc[wildcards.patient, "dicom_dir"])
+
+
+def all_targets():
+    return [f"{RESULTS}/cohort/series.tsv"]
