@@ -121,6 +121,9 @@ class Anatomy:
         minv = np.linalg.inv(m)
         pad = deformation.max_mm + 1.0 if deformation else 1.0
         size = np.asarray(grid.size)
+        # reference point of voxel (i, j, k) = base + i*steps[:, 0] + j*steps[:, 1] + k*steps[:, 2]
+        steps = m[:3, :3] @ grid.direction_matrix @ np.diag(grid.spacing)
+        base = m[:3, :3] @ np.asarray(grid.origin) + m[:3, 3]
         for region in self.regions:
             for part in flatten(region.shape):
                 lo, hi = part.bbox()
@@ -135,15 +138,15 @@ class Anatomy:
                     continue
                 per_slice = int((i1[0] - i0[0]) * (i1[1] - i0[1]))
                 step = max(1, slab_voxels // per_slice)
+                ii = np.arange(i0[0], i1[0], dtype=np.float64)[None, None, :, None] * steps[:, 0]
+                jj = np.arange(i0[1], i1[1], dtype=np.float64)[None, :, None, None] * steps[:, 1]
                 for k0 in range(i0[2], i1[2], step):
                     k1 = min(i1[2], k0 + step)
-                    kk, jj, ii = np.meshgrid(np.arange(k0, k1), np.arange(i0[1], i1[1]),
-                                             np.arange(i0[0], i1[0]), indexing="ij")
-                    ijk = np.stack([ii.ravel(), jj.ravel(), kk.ravel()], axis=1).astype(np.float64)
-                    a = grid.index_to_physical(ijk) @ m[:3, :3].T + m[:3, 3]
+                    kk = np.arange(k0, k1, dtype=np.float64)[:, None, None, None] * steps[:, 2] + base
+                    a = ((kk + jj) + ii).reshape(-1, 3)  # reference-frame coordinates of the block
                     if deformation is not None:
                         a = a - deformation.displacement(a)
-                    hit = (part.f(a) <= 0.0).reshape(kk.shape)
+                    hit = (part.f(a) <= 0.0).reshape(k1 - k0, i1[1] - i0[1], i1[0] - i0[0])
                     block = out[k0:k1, i0[1]:i1[1], i0[0]:i1[0]]
                     block[hit] = region.label
         return out

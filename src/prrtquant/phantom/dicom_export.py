@@ -146,7 +146,7 @@ def write_ct(out_dir: Path, patient: PatientInfo, s: SeriesInfo, grid: Grid, hu:
              kvp: float = 120.0) -> list[Dataset]:
     """One file per slice; ``hu`` is (z, y, x). Returns the datasets (for RTSTRUCT/SEG references)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    stored = np.clip(np.rint(hu + 1024.0), 0, 4095).astype(np.uint16)
+    stored = np.clip(np.rint(hu + np.float32(1024.0)), 0, 4095).astype(np.uint16)
     written: list[Dataset] = []
     for inst, k in enumerate(_slice_order(grid), start=1):
         ds = _new_dataset(CT_STORAGE, uid(s.series_uid, "ct", k))

@@ -383,8 +383,9 @@ def _generate(out: Path, opt: PhantomOptions) -> dict[str, Any]:
         if s.ct_grid is not None:
             ct_info = info("CT", "CT " + ("PET AC" if s.kind == "PET" else "SPECT AC"))
             labels_ct = anat.label_grid(s.ct_grid, s.pose, s.deformation)
-            hu = physics.lut(anat, {r.name: physics.HU[r.tissue] for r in anat.regions}, physics.HU["air"])[labels_ct]
-            hu = hu + noise_rng.normal(0.0, 6.0, hu.shape)
+            hu_lut = physics.lut(anat, {r.name: physics.HU[r.tissue] for r in anat.regions}, physics.HU["air"])
+            hu = hu_lut.astype(np.float32)[labels_ct]
+            hu += 6.0 * noise_rng.standard_normal(hu.shape, dtype=np.float32)
             d = series_dir(si, 1)
             ds_ct = write_ct(d, patient, ct_info, s.ct_grid, hu)
             st["ct"] = {"series_instance_uid": ct_info.series_uid, "grid": s.ct_grid.to_dict()}

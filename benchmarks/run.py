@@ -1,0 +1,55 @@
+"""`make bench`: clinical-size measurements (not asserted in tests; medians printed).
+
+Currently measured:
+- generation of one `clinical` synthetic patient (target: under 2 minutes on 2 cores), with peak memory.
+
+Environment: BENCH_REPEATS (default 3) repetitions, median reported; BENCH_OUT keeps the outputs.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from multiprocessing import get_context
+from pathlib import Path
+
+
+def _generate(out: str) -> tuple[float, float]:
+    from prrtquant.phantom.generator import generate_patient
+
+    t0 = time.perf_counter()
+    generate_patient(out, design="whole_liver_ia", size="clinical", seed=1, mean_er=3.5)
+    wall = time.perf_counter() - t0
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return wall, peak_mib
+
+
+def main() -> int:
+    repeats = int(os.environ.get("BENCH_REPEATS", "3"))
+    keep = os.environ.get("BENCH_OUT")
+    walls, peaks = [], []
+    ctx = get_context("spawn")  # a fresh process per run, so peak memory is per run
+    for i in range(repeats):
+        tmp = Path(tempfile.mkdtemp(prefix="prrtquant-bench-"))
+        out = tmp / "patient"
+        with ctx.Pool(1) as pool:
+            wall, peak = pool.apply(_generate, (str(out),))
+        size_mb = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 1e6
+        walls.append(wall)
+        peaks.append(peak)
+        print(f"  run {i + 1}/{repeats}: {wall:6.1f} s, peak {peak:6.0f} MiB, {size_mb:.0f} MB written", flush=True)
+        if keep and i == 0:
+            shutil.copytree(out, Path(keep), dirs_exist_ok=True)
+        shutil.rmtree(tmp)
+    print(f"phantom clinical patient (2 PET/CT + 7 SPECT/CT): median {statistics.median(walls):.1f} s "
+          f"(target < 120 s), median peak memory {statistics.median(peaks):.0f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
