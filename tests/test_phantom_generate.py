@@ -104,28 +104,31 @@ def test_messy_names_and_mr_session():
     assert "mr" in t3["sessions"] and t3["sessions"]["mr"]["rtstruct"]["rois"] == sorted(t3["lesions"])
 
 
-@pytest.mark.parametrize("spect_format", ["nm_bqml", "pt_bqml"])
-def test_other_layouts_and_spect_formats(tmp_path, spect_format):
-    out = tmp_path / "p"
-    assert main(["phantom", "--out", str(out), "--seed", "5", "--n-lesions", "2", "--n-extrahepatic", "1",
-                 "--layout", "flat", "--spect-format", spect_format, "--deformation"]) == 0
-    files = [p for p in (out / "DICOM").iterdir()]
-    assert all(p.parent == out / "DICOM" for p in files)  # flat: one folder
-    assert (out / "DICOM" / "README.txt").exists()
-    t = json.loads((out / "truth.json").read_text())
-    series = series_files(out / "DICOM")
-    st = t["sessions"]["spect_c1_24h"]
+def test_other_layouts_spect_formats_noise_and_deformation(tmp_path):
+    """Same seed twice: A noise free, NM in Bq/mL, flat layout; B with noise, SPECT exported as PET."""
     import pydicom
 
-    ds = pydicom.dcmread(series[st["spect"]["series_instance_uid"]][0], stop_before_pixels=True)
-    if spect_format == "pt_bqml":
-        assert ds.Modality == "PT" and ds.Units == "BQML" and ds.DecayCorrection == "NONE"
-    else:
-        from prrtquant.nm import read_nm
+    from prrtquant.nm import read_nm
 
-        nm = read_nm(series[st["spect"]["series_instance_uid"]][0])
-        assert nm.units == "BQML"
-    assert st["deformation"] is not None and t["sessions"]["pet_iv"]["deformation"] is None
+    common = ["--seed", "5", "--n-lesions", "2", "--n-extrahepatic", "1", "--deformation"]
+    assert main(["phantom", "--out", str(tmp_path / "a"), *common, "--layout", "flat", "--spect-format", "nm_bqml"]) == 0
+    assert main(["phantom", "--out", str(tmp_path / "b"), *common, "--spect-format", "pt_bqml", "--noise", "0.1"]) == 0
+    a, b = (json.loads((tmp_path / x / "truth.json").read_text()) for x in "ab")
+    files = list((tmp_path / "a" / "DICOM").iterdir())
+    assert all(p.is_file() for p in files) and (tmp_path / "a" / "DICOM" / "README.txt").exists()  # flat
+    sa, sb = series_files(tmp_path / "a" / "DICOM"), series_files(tmp_path / "b" / "DICOM")
+    st_a, st_b = a["sessions"]["spect_c1_24h"], b["sessions"]["spect_c1_24h"]
+    assert read_nm(sa[st_a["spect"]["series_instance_uid"]][0]).units == "BQML"
+    ds = pydicom.dcmread(sb[st_b["spect"]["series_instance_uid"]][0], stop_before_pixels=True)
+    assert ds.Modality == "PT" and ds.Units == "BQML" and ds.DecayCorrection == "NONE"
+    assert st_a["deformation"] is not None and a["sessions"]["pet_iv"]["deformation"] is None
+    # noise: the mean of the healthy liver is kept (to 1%), its maximum rises
+    ha = a["sessions"]["pet_iv"]["reference_measured"]["healthy_liver"]
+    hb = b["sessions"]["pet_iv"]["reference_measured"]["healthy_liver"]
+    assert hb["suvmean"] == pytest.approx(ha["suvmean"], rel=0.01)
+    assert hb["suvmax"] > 1.05 * ha["suvmax"]
+    # everything but the noise is the same patient
+    assert a["enhancement_ratio"]["true"] == b["enhancement_ratio"]["true"]
 
 
 def test_existing_output_is_refused_and_nothing_half_written(tmp_path, capsys):
