@@ -13,4 +13,8 @@ def run(tables: list[str], patients: list[str], out: str, log: str) -> int:
 
 if "snakemake" in globals():
     sm = globals()["snakemake"]
-    raise SystemExit(run(list(sm.input.series), list(sm.params.patients), sm.output.table, sm.log[0]))
+    if "series" in sm.input.keys():
+        tables = list(sm.input.series)
+    else:  # ingest folders: stack their inventories
+        tables = [f"{d}/inventory.tsv" for d in sm.input.ingest]
+    raise SystemExit(run(tables, list(sm.params.patients), sm.output.table, sm.log[0]))

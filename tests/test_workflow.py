@@ -47,9 +47,19 @@ def test_workflow_runs_on_bundled_cohort(tmp_path):
         uids = set(rows.series_instance_uid)
         assert t["sessions"]["pet_ia"]["pet"]["series_instance_uid"] in uids
         assert t["sessions"]["pet_iv"]["masks"]["seg_series_instance_uid"] in uids
-        # no identifier in any output or log
+    inv = pd.read_csv(tmp_path / "results" / "cohort" / "inventory.tsv", sep="\t", dtype=str, keep_default_na=False)
+    for p in COHORT:
+        t = load_truth(p)
+        rows = inv[inv.patient == p]
+        assert set(rows.session[rows.session != ""]) == set(t["sessions"])
+        pet_ia = rows[(rows.session == "pet_ia") & (rows.role == "pet")]
+        assert list(pet_ia.series_instance_uid) == [t["sessions"]["pet_ia"]["pet"]["series_instance_uid"]]
+        assert (tmp_path / "results" / p / "ingest" / "pet_ia" / "pet.nii.gz").exists()
+    for p in COHORT:
+        t = load_truth(p)
+        # no identifier in any output or log (compressed NIfTI are checked in test_ingest)
         for f in (tmp_path / "results").rglob("*"):
-            if f.is_file():
+            if f.is_file() and not f.name.endswith(".gz"):
                 text = f.read_text(errors="ignore")
                 for ident in t["identifiers"].values():
                     assert ident not in text, (f, ident)

@@ -46,6 +46,34 @@ def _cmd_index(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_config(path: Path | None) -> dict:
+    if path is None:
+        return {}
+    import yaml
+
+    try:
+        cfg = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"{path}: cannot read config ({exc})") from exc
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: config must be a mapping")
+    return cfg
+
+
+def _cmd_ingest(args: argparse.Namespace) -> int:
+    from .ingest import IngestConfig, PatientSheet, ingest
+
+    cfg = _load_config(args.config)
+    sheet_path = args.sheet or (Path(cfg["patients"]) if args.config and "patients" in cfg else None)
+    if sheet_path is not None:
+        sheet = PatientSheet.from_tsv(sheet_path, args.patient)
+    else:
+        sheet = PatientSheet(patient=args.patient)
+    inv = ingest(args.dicom_dir, args.out, sheet, IngestConfig.from_dict(cfg.get("ingest")))
+    log.info("%s: inventory of %d rows in %s", args.patient, len(inv), args.out / "inventory.tsv")
+    return 0
+
+
 def _cmd_stack(args: argparse.Namespace) -> int:
     import pandas as pd
 
@@ -101,6 +129,16 @@ def _get_parser() -> argparse.ArgumentParser:
     ix.add_argument("dicom_dir", type=Path)
     ix.add_argument("--out", required=True, type=Path, help="series table (TSV)")
     ix.set_defaults(func=_cmd_index)
+
+    ig = sub.add_parser("ingest", parents=[common], help="DICOM export -> NIfTI images and masks with inventory",
+                        description="Convert one patient's DICOM export into physical images (CT in HU, PET in "
+                                    "Bq/mL with SUV factors, SPECT in Bq/mL, MR) and masks, with inventory.tsv.")
+    ig.add_argument("dicom_dir", type=Path)
+    ig.add_argument("--out", required=True, type=Path, help="output folder (replaced atomically)")
+    ig.add_argument("--patient", required=True, help="the patient's pseudonym (row of the patient sheet)")
+    ig.add_argument("--sheet", type=Path, help="patient sheet TSV (default: `patients` of --config)")
+    ig.add_argument("--config", type=Path, help="workflow config.yaml (its `ingest` section is used)")
+    ig.set_defaults(func=_cmd_ingest)
 
     sk = sub.add_parser("stack", parents=[common], help="stack per-patient tables into a cohort table")
     sk.add_argument("--table", action="append", default=[], metavar="PATIENT=PATH", help="repeat per patient")

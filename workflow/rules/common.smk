@@ -24,4 +24,4 @@ def dicom_dir(wildcards):
 
 
 def all_targets():
-    return [f"{RESULTS}/cohort/series.tsv"]
+    return [f"{RESULTS}/cohort/series.tsv", f"{RESULTS}/cohort/inventory.tsv"]

@@ -1,0 +1,700 @@
+"""Ingest: a hospital DICOM export → physical images (NIfTI + JSON sidecar) with provenance.
+
+``ingest(dicom_dir, out_dir, sheet=..., config=...)``
+
+1. indexes every file by header only (non-DICOM files are listed and ignored),
+2. classifies series (CT, PT, NM, MR, RTSTRUCT, SEG) and groups them into sessions by study,
+3. labels sessions from header facts (radionuclide, injection and acquisition times) and the
+   per-patient sheet (which PET study was the IA one, the camera calibration, a weight override):
+   ``pet_iv``, ``pet_ia``, ``spect_c{cycle}_{hours}h``, ``mr``, ``ct``,
+4. converts: CT in HU, PET in Bq/mL with SUV factors (QIBA rules, :mod:`prrtquant.suv`), SPECT in
+   Bq/mL (counts / (calibration × duration × voxel volume), or as stored), MR as stored; masks from
+   RTSTRUCT (exact rasterisation), DICOM-SEG (placed by position) and NIfTI label maps, with ROI
+   names mapped to canonical names (unmapped ones are written and listed, never dropped),
+5. writes ``out_dir/inventory.tsv`` (one row per written file) atomically: everything is built in
+   a temporary folder next to ``out_dir`` and renamed at the end, so a failure leaves nothing.
+
+No patient name, ID or birth date is written anywhere: the patient is known by its pseudonym.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+import pydicom
+import SimpleITK as sitk
+
+from . import __version__
+from .dicom_series import SeriesError, load_sliced_series, rescaled_volume
+from .geometry import Grid
+from .masks import MaskError, rasterize_rtstruct, rtstruct_rois
+from .nm import NMGeometryError, read_nm
+from .radionuclides import RADIONUCLIDES
+from .roi_names import RoiMapper
+
+log = logging.getLogger(__name__)
+
+INVENTORY_COLUMNS = ["series_instance_uid", "modality", "session", "role", "roi", "units", "path",
+                     "source_roi_name", "mask_source", "study_instance_uid", "frame_of_reference_uid",
+                     "acquisition_datetime", "radionuclide", "route", "cycle", "hours_pi", "note"]
+
+IDENTIFYING_TAGS = ("PatientName", "PatientID", "PatientBirthDate", "OtherPatientIDs", "OtherPatientNames")
+
+
+class IngestError(ValueError):
+    """Bad input: the message names the file or series and the problem."""
+
+
+@dataclass(frozen=True)
+class PatientSheet:
+    """What the DICOM headers cannot say (one row of the patient sheet)."""
+
+    patient: str
+    design: str | None = None
+    ia_pet_study_instance_uid: str | None = None
+    treated_lobe: str | None = None
+    camera_cps_per_mbq: float | None = None
+    weight_kg: float | None = None
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> "PatientSheet":
+        def opt(key: str) -> str | None:
+            v = row.get(key)
+            return None if v is None or (isinstance(v, float) and math.isnan(v)) or str(v).strip() == "" else str(v).strip()
+
+        def optf(key: str) -> float | None:
+            v = opt(key)
+            return None if v is None else float(v)
+
+        return cls(patient=str(row["patient"]), design=opt("design"),
+                   ia_pet_study_instance_uid=opt("ia_pet_study_instance_uid"), treated_lobe=opt("treated_lobe"),
+                   camera_cps_per_mbq=optf("camera_cps_per_mbq"), weight_kg=optf("weight_kg"))
+
+    @classmethod
+    def from_tsv(cls, path: str | Path, patient: str) -> "PatientSheet":
+        df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+        rows = df[df["patient"] == patient]
+        if rows.empty:
+            raise IngestError(f"{path}: no row for patient {patient!r}")
+        return cls.from_row(rows.iloc[0].to_dict())
+
+
+@dataclass
+class IngestConfig:
+    """The ingest part of the workflow config (all optional)."""
+
+    roi_map: dict[str, list[str]] = field(default_factory=dict)
+    camera_cps_per_mbq: float | None = None  # default when the sheet has none
+    weight_fallback: str = "error"  # "error" or "sheet": use the sheet's weight only when the header has none
+    spect_hours_rounding: float = 1.0  # hours after injection rounded to this for session names
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> "IngestConfig":
+        d = dict(d or {})
+        return cls(roi_map=dict(d.get("roi_map", {}) or {}), camera_cps_per_mbq=d.get("camera_cps_per_mbq"),
+                   weight_fallback=str(d.get("weight_fallback", "error")),
+                   spect_hours_rounding=float(d.get("spect_hours_rounding", 1.0)))
+
+
+# ----------------------------------------------------------------------------- indexing
+
+@dataclass
+class SeriesRecord:
+    uid: str
+    modality: str
+    sop_class: str
+    study_uid: str
+    frame_uid: str
+    header: pydicom.Dataset  # first file's header (no pixels)
+    paths: list[Path] = field(default_factory=list)
+    kind: str = ""  # ct, mr, pet, spect_nm, spect_pt, rtstruct, seg, ignored
+    session: str = ""
+    note: str = ""
+
+
+def _is_dicom(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def scan(root: Path) -> tuple[dict[str, SeriesRecord], list[Path], list[Path]]:
+    """Header-only index: series, NIfTI files, other (ignored) files."""
+    series: dict[str, SeriesRecord] = {}
+    nifti: list[Path] = []
+    other: list[Path] = []
+    for dirpath, _, filenames in os.walk(root):
+        for fn in sorted(filenames):
+            p = Path(dirpath) / fn
+            if fn.endswith((".nii", ".nii.gz")):
+                nifti.append(p)
+                continue
+            if not _is_dicom(p):
+                other.append(p)
+                continue
+            try:
+                ds = pydicom.dcmread(p, stop_before_pixels=True)
+            except Exception as exc:  # noqa: BLE001
+                raise IngestError(f"{p}: unreadable DICOM header ({exc})") from exc
+            uid = str(getattr(ds, "SeriesInstanceUID", "") or "")
+            if not uid:
+                raise IngestError(f"{p}: DICOM file without SeriesInstanceUID")
+            rec = series.get(uid)
+            if rec is None:
+                rec = series[uid] = SeriesRecord(
+                    uid=uid, modality=str(getattr(ds, "Modality", "")), sop_class=str(getattr(ds, "SOPClassUID", "")),
+                    study_uid=str(getattr(ds, "StudyInstanceUID", "")),
+                    frame_uid=str(getattr(ds, "FrameOfReferenceUID", "")), header=ds)
+            rec.paths.append(p)
+    return series, sorted(nifti), sorted(other)
+
+
+# ----------------------------------------------------------------------------- classification
+
+def _radionuclide(ds: pydicom.Dataset) -> str | None:
+    seq = getattr(ds, "RadiopharmaceuticalInformationSequence", None)
+    if not seq:
+        return None
+    item = seq[0]
+    code = getattr(item, "RadionuclideCodeSequence", None)
+    if code:
+        meaning = str(getattr(code[0], "CodeMeaning", "")).replace("^", "").lower()
+        for name in RADIONUCLIDES:
+            element, mass = name.split("-")
+            if mass in meaning and element.lower()[:2] in meaning[:4] + meaning:
+                return name
+        value = str(getattr(code[0], "CodeValue", ""))
+        for name, r in RADIONUCLIDES.items():
+            if value == r.code_value:
+                return name
+    hl = getattr(item, "RadionuclideHalfLife", None)
+    if hl not in (None, ""):
+        for name, r in RADIONUCLIDES.items():
+            if abs(float(hl) - r.half_life_s) / r.half_life_s < 0.02:
+                return name
+    return None
+
+
+def _parse_dt(date: str | None, time: str | None) -> dt.datetime | None:
+    if not date or not time:
+        return None
+    t = str(time).strip()
+    frac = 0.0
+    if "." in t:
+        t, f = t.split(".", 1)
+        frac = float("0." + f) if f else 0.0
+    t = t.ljust(6, "0")
+    return dt.datetime.strptime(str(date).strip() + t, "%Y%m%d%H%M%S") + dt.timedelta(seconds=frac)
+
+
+def _parse_datetime(value: str | None) -> dt.datetime | None:
+    if not value:
+        return None
+    v = str(value).strip()
+    v = re.split(r"[+-]\d{4}$", v)[0]
+    if len(v) < 14:
+        return None
+    return _parse_dt(v[:8], v[8:])
+
+
+def _injection(ds: pydicom.Dataset) -> dt.datetime | None:
+    seq = getattr(ds, "RadiopharmaceuticalInformationSequence", None)
+    if not seq:
+        return None
+    item = seq[0]
+    t = _parse_datetime(getattr(item, "RadiopharmaceuticalStartDateTime", None))
+    if t is None and getattr(item, "RadiopharmaceuticalStartTime", None):
+        t = _parse_dt(str(getattr(ds, "SeriesDate", "")), str(item.RadiopharmaceuticalStartTime))
+        acq = _parse_dt(str(getattr(ds, "SeriesDate", "")), str(getattr(ds, "SeriesTime", "")))
+        if t is not None and acq is not None and t > acq:
+            t -= dt.timedelta(days=1)  # injected before midnight, scanned after
+    return t
+
+
+def _route(ds: pydicom.Dataset) -> str | None:
+    seq = getattr(ds, "RadiopharmaceuticalInformationSequence", None)
+    if not seq:
+        return None
+    r = str(getattr(seq[0], "RadiopharmaceuticalRoute", "")).lower()
+    if not r:
+        return None
+    if "arter" in r or r in ("ia", "i.a."):
+        return "IA"
+    if "ven" in r or r in ("iv", "i.v."):
+        return "IV"
+    return None
+
+
+def _series_datetime(ds: pydicom.Dataset) -> dt.datetime | None:
+    return (_parse_dt(getattr(ds, "SeriesDate", None), getattr(ds, "SeriesTime", None))
+            or _parse_dt(getattr(ds, "AcquisitionDate", None), getattr(ds, "AcquisitionTime", None))
+            or _parse_dt(getattr(ds, "StudyDate", None), getattr(ds, "StudyTime", None)))
+
+
+def classify(series: dict[str, SeriesRecord]) -> None:
+    for rec in series.values():
+        m, ds = rec.modality, rec.header
+        if m == "CT":
+            rec.kind = "ct"
+        elif m == "MR":
+            rec.kind = "mr"
+        elif m == "PT":
+            nuc = _radionuclide(ds)
+            rec.kind = "spect_pt" if nuc == "Lu-177" else "pet"
+        elif m == "NM":
+            types = [str(t).upper() for t in getattr(ds, "ImageType", [])]
+            if "RECON TOMO" in types or "RECON GATED TOMO" in types:
+                rec.kind = "spect_nm"
+            else:
+                rec.kind, rec.note = "ignored", "NM object that is not a tomographic reconstruction"
+        elif m == "RTSTRUCT":
+            rec.kind = "rtstruct"
+        elif m == "SEG":
+            rec.kind = "seg"
+        else:
+            rec.kind, rec.note = "ignored", f"modality {m or '?'} not used"
+
+
+def label_sessions(series: dict[str, SeriesRecord], sheet: PatientSheet, cfg: IngestConfig) -> dict[str, dict[str, Any]]:
+    """Session id per study, from header facts and the sheet. Returns session facts by id."""
+    by_study: dict[str, list[SeriesRecord]] = {}
+    for rec in series.values():
+        if rec.kind in ("ct", "mr", "pet", "spect_nm", "spect_pt"):
+            by_study.setdefault(rec.study_uid, []).append(rec)
+    facts: dict[str, dict[str, Any]] = {}
+    study_session: dict[str, str] = {}
+
+    pet_studies = {s: [r for r in recs if r.kind == "pet"] for s, recs in by_study.items()}
+    pet_studies = {s: r for s, r in pet_studies.items() if r}
+    spect_studies = {s: [r for r in recs if r.kind in ("spect_nm", "spect_pt")] for s, recs in by_study.items()}
+    spect_studies = {s: r for s, r in spect_studies.items() if r}
+
+    # -- PET: which one followed the IA injection
+    ia_study: str | None = None
+    if sheet.ia_pet_study_instance_uid:
+        if sheet.ia_pet_study_instance_uid not in pet_studies:
+            raise IngestError(f"patient sheet: ia_pet_study_instance_uid {sheet.ia_pet_study_instance_uid} is not a "
+                              f"PET study of this export (PET studies: {sorted(pet_studies)})")
+        ia_study = sheet.ia_pet_study_instance_uid
+        routes = {s: _route(r[0].header) for s, r in pet_studies.items()}
+        if routes.get(ia_study) == "IV":
+            log.warning("study %s: the sheet says IA, the header route says intravenous; the sheet wins", ia_study)
+    else:
+        candidates = [s for s, r in pet_studies.items() if _route(r[0].header) == "IA"]
+        if len(candidates) > 1:
+            raise IngestError(f"two candidate IA PET studies ({', '.join(candidates)}) and no "
+                              f"ia_pet_study_instance_uid in the patient sheet for {sheet.patient}")
+        ia_study = candidates[0] if candidates else None
+    pet_sorted = sorted(pet_studies, key=lambda s: _series_datetime(pet_studies[s][0].header) or dt.datetime.min)
+    iv_count = 0
+    for s in pet_sorted:
+        rec = pet_studies[s][0]
+        route = "IA" if s == ia_study else "IV"
+        if route == "IV":
+            iv_count += 1
+            sid = "pet_iv" if iv_count == 1 else f"pet_iv_{iv_count}"
+        else:
+            sid = "pet_ia"
+        study_session[s] = sid
+        facts[sid] = {"route": route, "radionuclide": _radionuclide(rec.header),
+                      "route_source": "sheet" if sheet.ia_pet_study_instance_uid else "header"}
+
+    # -- SPECT: cycles by injection time, hours after injection
+    injections: list[dt.datetime] = []
+    spect_info = {}
+    for s, recs in spect_studies.items():
+        inj = _injection(recs[0].header)
+        acq = _series_datetime(recs[0].header)
+        if inj is None or acq is None:
+            raise IngestError(f"SPECT series {recs[0].uid} ({recs[0].paths[0]}): injection or acquisition date/time "
+                              f"missing (RadiopharmaceuticalStartDateTime, SeriesDate/SeriesTime)")
+        spect_info[s] = (inj, acq)
+        if not any(abs((inj - i).total_seconds()) < 12 * 3600 for i in injections):
+            injections.append(inj)
+    injections.sort()
+    for s, (inj, acq) in sorted(spect_info.items(), key=lambda kv: kv[1][1]):
+        cycle = 1 + min(range(len(injections)), key=lambda i: abs((inj - injections[i]).total_seconds()))
+        hours = (acq - inj).total_seconds() / 3600.0
+        nominal = round(hours / cfg.spect_hours_rounding) * cfg.spect_hours_rounding
+        base = f"spect_c{cycle}_{nominal:g}h"
+        sid, n = base, 1
+        while sid in facts:
+            n += 1
+            sid = f"{base}_{n}"
+        study_session[s] = sid
+        facts[sid] = {"cycle": cycle, "hours_pi": hours, "nominal_hours_pi": nominal,
+                      "route": _route(spect_studies[s][0].header), "radionuclide": "Lu-177",
+                      "injection_datetime": inj.isoformat()}
+
+    # -- MR and CT-only studies
+    for kind in ("mr", "ct"):
+        for s, recs in sorted(by_study.items(), key=lambda kv: _series_datetime(kv[1][0].header) or dt.datetime.min):
+            if s in study_session or not any(r.kind == kind for r in recs):
+                continue
+            sid, n = kind, 1
+            while sid in facts:
+                n += 1
+                sid = f"{kind}_{n}"
+            study_session[s] = sid
+            facts[sid] = {}
+    for rec in series.values():
+        if rec.kind in ("ct", "mr", "pet", "spect_nm", "spect_pt"):
+            rec.session = study_session[rec.study_uid]
+    return facts
+
+
+# ----------------------------------------------------------------------------- writing
+
+def _write_image(img: sitk.Image, path: Path, sidecar: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(img, str(path), useCompression=True)
+    path.with_name(path.name.replace(".nii.gz", ".json")).write_text(json.dumps(sidecar, indent=1, default=str))
+
+
+def _image(arr: np.ndarray, grid: Grid, dtype: Any = np.float32) -> sitk.Image:
+    return grid.image(np.ascontiguousarray(arr.astype(dtype)))
+
+
+def _scanner(ds: pydicom.Dataset) -> dict[str, str]:
+    return {"manufacturer": str(getattr(ds, "Manufacturer", "")),
+            "model": str(getattr(ds, "ManufacturerModelName", "")),
+            "station": str(getattr(ds, "StationName", ""))}
+
+
+def _safe(name: str) -> str:
+    s = re.sub(r"[^A-Za-z0-9_.-]+", "_", name.strip()).strip("_")
+    return s or "unnamed"
+
+
+@dataclass
+class _Ctx:
+    out: Path
+    rows: list[dict[str, Any]]
+    grids: dict[str, Grid]  # series uid -> grid of written image
+    mapper: RoiMapper
+
+    def add(self, **kw: Any) -> None:
+        row = {c: "" for c in INVENTORY_COLUMNS}
+        row.update({k: ("" if v is None else v) for k, v in kw.items()})
+        self.rows.append(row)
+
+
+def _base_row(rec: SeriesRecord, facts: dict[str, Any]) -> dict[str, Any]:
+    return {"series_instance_uid": rec.uid, "modality": rec.modality, "session": rec.session,
+            "study_instance_uid": rec.study_uid, "frame_of_reference_uid": rec.frame_uid,
+            "acquisition_datetime": (_series_datetime(rec.header) or "") and _series_datetime(rec.header).isoformat(),  # type: ignore[union-attr]
+            "radionuclide": facts.get("radionuclide"), "route": facts.get("route"), "cycle": facts.get("cycle"),
+            "hours_pi": "" if facts.get("hours_pi") is None else f"{facts['hours_pi']:.3f}"}
+
+
+def _ingest_ct_mr(ctx: _Ctx, rec: SeriesRecord, facts: dict[str, Any]) -> None:
+    try:
+        s = load_sliced_series(rec.paths, rec.uid)
+    except SeriesError as exc:
+        raise IngestError(str(exc)) from exc
+    vol = rescaled_volume(s)
+    kind = rec.kind
+    rel = Path(rec.session) / f"{kind}.nii.gz"
+    n = 1
+    while (ctx.out / rel).exists():
+        n += 1
+        rel = Path(rec.session) / f"{kind}_{n}.nii.gz"
+    units = "HU" if kind == "ct" else "arbitrary"
+    dtype = np.int16 if kind == "ct" and np.all(np.abs(vol) < 32000) and np.allclose(vol, np.rint(vol)) else np.float32
+    side = {"modality": rec.modality, "units": units, "source_series_instance_uid": rec.uid,
+            "study_instance_uid": rec.study_uid, "frame_of_reference_uid": rec.frame_uid,
+            "acquisition_datetime": _series_datetime(rec.header), "scanner": _scanner(rec.header),
+            "series_description": str(getattr(rec.header, "SeriesDescription", "")), "n_slices": s.grid.size[2],
+            "prrtquant_version": __version__}
+    _write_image(_image(np.rint(vol) if dtype == np.int16 else vol, s.grid, dtype), ctx.out / rel, side)
+    ctx.grids[rec.uid] = s.grid
+    ctx.add(**_base_row(rec, facts), role=kind, units=units, path=str(rel))
+
+
+def _ingest_pet(ctx: _Ctx, rec: SeriesRecord, facts: dict[str, Any], sheet: PatientSheet, cfg: IngestConfig) -> None:
+    from .suv import SuvError, convert_pet_series
+
+    try:
+        s = load_sliced_series(rec.paths, rec.uid)
+    except SeriesError as exc:
+        raise IngestError(str(exc)) from exc
+    override = None
+    notes: list[str] = []
+    header_weight = getattr(rec.header, "PatientWeight", None)
+    if sheet.weight_kg is not None:
+        if cfg.weight_fallback == "sheet" and header_weight not in (None, "", 0, "0"):
+            notes.append("sheet weight ignored: the header has PatientWeight (weight_fallback: sheet)")
+        else:
+            override = sheet.weight_kg
+            notes.append("weight from the patient sheet")
+    try:
+        conv = convert_pet_series(s.datasets, weight_kg_override=override, source=f"{s.paths[0]} (series {rec.uid})")
+    except SuvError as exc:
+        raise IngestError(str(exc)) from exc
+    rel = Path(rec.session) / "pet.nii.gz"
+    side = {"modality": "PT", "units": "Bq/mL", "quantity": "activity concentration",
+            "radionuclide": conv.radionuclide, "half_life_s": conv.half_life_s,
+            "injected_activity_bq": conv.injected_activity_bq, "injection_datetime": conv.injection_time.isoformat(),
+            "acquisition_datetime": (_series_datetime(rec.header) or conv.reference_time).isoformat(),
+            "decay_correction": conv.decay_correction, "decay_corrected_to": conv.reference_time.isoformat(),
+            "units_in_header": conv.units_in, "suv_bw_factor": conv.suv_bw_factor,
+            "sul_james_factor": conv.sul_james_factor, "sul_janmahasatian_factor": conv.sul_janmahasatian_factor,
+            "suv_bsa_factor": conv.suv_bsa_factor, "weight_kg": conv.weight_kg, "height_m": conv.height_m,
+            "sex": conv.sex, "route": facts.get("route"), "route_source": facts.get("route_source"),
+            "source_series_instance_uid": rec.uid, "study_instance_uid": rec.study_uid,
+            "frame_of_reference_uid": rec.frame_uid, "scanner": _scanner(rec.header),
+            "notes": notes + list(conv.notes), "prrtquant_version": __version__}
+    _write_image(_image(conv.bqml, s.grid), ctx.out / rel, side)
+    ctx.grids[rec.uid] = s.grid
+    ctx.add(**_base_row(rec, facts), role="pet", units="Bq/mL", path=str(rel))
+
+
+def _acq_duration_s(ds: pydicom.Dataset, where: str) -> float:
+    rot = getattr(ds, "RotationInformationSequence", None)
+    if rot and "ActualFrameDuration" in rot[0] and "NumberOfFramesInRotation" in rot[0]:
+        return sum(float(r.ActualFrameDuration) / 1000.0 * int(r.NumberOfFramesInRotation) for r in rot)
+    if "ActualFrameDuration" in ds:
+        return float(ds.ActualFrameDuration) / 1000.0
+    raise IngestError(f"{where}: acquisition duration unknown (RotationInformationSequence ActualFrameDuration × "
+                      f"NumberOfFramesInRotation missing)")
+
+
+def _ingest_spect(ctx: _Ctx, rec: SeriesRecord, facts: dict[str, Any], sheet: PatientSheet, cfg: IngestConfig) -> None:
+    ds = rec.header
+    notes: list[str] = []
+    inj = _injection(ds)
+    seq = getattr(ds, "RadiopharmaceuticalInformationSequence", None)
+    dose = float(seq[0].RadionuclideTotalDose) if seq and "RadionuclideTotalDose" in seq[0] else None
+    if dose is None:
+        raise IngestError(f"{rec.paths[0]} (series {rec.uid}): RadionuclideTotalDose missing")
+    injected_bq = dose * 1e6 if dose < 1e5 else dose
+    if dose < 1e5:
+        notes.append(f"RadionuclideTotalDose {dose:g} read as MBq")
+    if rec.kind == "spect_nm":
+        if len(rec.paths) != 1:
+            raise IngestError(f"series {rec.uid}: {len(rec.paths)} NM files in one reconstruction series; expected one "
+                              f"multi-frame object")
+        try:
+            nm = read_nm(rec.paths[0])
+        except (NMGeometryError, ValueError, EOFError, OSError) as exc:
+            raise IngestError(f"{rec.paths[0]} (series {rec.uid}): {exc}") from exc
+        img = nm.image
+        grid = Grid.of(img)
+        arr = sitk.GetArrayFromImage(img).astype(np.float64)
+        if nm.units == "CNTS":
+            cal = sheet.camera_cps_per_mbq or cfg.camera_cps_per_mbq
+            if cal is None:
+                raise IngestError(f"{rec.paths[0]} (series {rec.uid}): SPECT in counts but no camera calibration factor "
+                                  f"(camera_cps_per_mbq in the patient sheet or the config)")
+            duration = _acq_duration_s(ds, f"{rec.paths[0]} (series {rec.uid})")
+            arr = arr / (cal * duration) * 1e6 / grid.voxel_volume_ml
+            notes.append(f"counts → Bq/mL with {cal:g} cps/MBq, {duration:g} s, voxel {grid.voxel_volume_ml:.4f} mL")
+            units_in = "CNTS"
+        else:
+            units_in = "BQML"
+    else:
+        try:
+            s = load_sliced_series(rec.paths, rec.uid)
+        except SeriesError as exc:
+            raise IngestError(str(exc)) from exc
+        units_in = str(getattr(ds, "Units", ""))
+        if units_in != "BQML":
+            raise IngestError(f"{rec.paths[0]} (series {rec.uid}): SPECT exported as PET with Units {units_in!r}; "
+                              f"only BQML is understood")
+        grid = s.grid
+        arr = rescaled_volume(s)
+        dc = str(getattr(ds, "DecayCorrection", "NONE"))
+        if dc == "ADMIN":
+            acq = _series_datetime(ds)
+            if inj is None or acq is None:
+                raise IngestError(f"{rec.paths[0]}: DecayCorrection ADMIN but injection/acquisition time missing")
+            arr = arr * math.exp(-RADIONUCLIDES["Lu-177"].decay_constant_per_s * (acq - inj).total_seconds())
+            notes.append("decay correction to administration undone: values at acquisition start")
+    rel = Path(rec.session) / "spect.nii.gz"
+    side = {"modality": rec.modality, "units": "Bq/mL", "quantity": "activity concentration at acquisition start",
+            "units_in_header": units_in, "radionuclide": "Lu-177",
+            "half_life_s": RADIONUCLIDES["Lu-177"].half_life_s, "injected_activity_bq": injected_bq,
+            "injection_datetime": inj.isoformat() if inj else None,
+            "acquisition_datetime": (_series_datetime(ds) or "") and _series_datetime(ds).isoformat(),  # type: ignore[union-attr]
+            "decay_correction": "NONE", "cycle": facts.get("cycle"), "hours_pi": facts.get("hours_pi"),
+            "source_series_instance_uid": rec.uid, "study_instance_uid": rec.study_uid,
+            "frame_of_reference_uid": rec.frame_uid, "scanner": _scanner(ds), "notes": notes,
+            "prrtquant_version": __version__}
+    _write_image(_image(arr, grid), ctx.out / rel, side)
+    ctx.grids[rec.uid] = grid
+    ctx.add(**_base_row(rec, facts), role="spect", units="Bq/mL", path=str(rel))
+
+
+def _referenced_series_rtstruct(ds: pydicom.Dataset) -> str | None:
+    for fr in getattr(ds, "ReferencedFrameOfReferenceSequence", []):
+        for st in getattr(fr, "RTReferencedStudySequence", []):
+            for se in getattr(st, "RTReferencedSeriesSequence", []):
+                return str(se.SeriesInstanceUID)
+    return None
+
+
+def _referenced_series_seg(ds: pydicom.Dataset) -> str | None:
+    for se in getattr(ds, "ReferencedSeriesSequence", []):
+        return str(se.SeriesInstanceUID)
+    return None
+
+
+def _write_masks(ctx: _Ctx, rec: SeriesRecord, ref: SeriesRecord, masks: list[tuple[str, np.ndarray]],
+                 source: str) -> None:
+    grid = ctx.grids[ref.uid]
+    used: set[str] = set()
+    for name, mask in masks:
+        canonical = ctx.mapper.canonical(name)
+        stem = canonical if canonical else f"unmapped_{_safe(name)}"
+        while stem in used:
+            stem += "_dup"
+        used.add(stem)
+        rel = Path(ref.session) / "masks" / source / f"{stem}.nii.gz"
+        fractional = mask.dtype != bool
+        img = _image(mask, grid, np.float32 if fractional else np.uint8)
+        side = {"roi": canonical, "source_roi_name": name, "mask_source": source,
+                "kind": "fractional" if fractional else "binary", "voxels": int(np.count_nonzero(mask)),
+                "volume_ml": float(np.sum(mask) * grid.voxel_volume_ml),
+                "source_series_instance_uid": rec.uid, "image_series_instance_uid": ref.uid,
+                "prrtquant_version": __version__}
+        if not np.any(mask):
+            raise IngestError(f"{rec.paths[0]} (series {rec.uid}): ROI '{name}' is empty on its image (outside it?)")
+        _write_image(img, ctx.out / rel, side)
+        row = _base_row(ref, {})
+        row.update(series_instance_uid=rec.uid, modality=rec.modality)
+        ctx.add(**row, role="mask" if canonical else "unmapped_mask", roi=canonical or "", source_roi_name=name,
+                mask_source=source, units="fraction" if fractional else "binary", path=str(rel),
+                note="" if canonical else "ROI name not mapped to a canonical name; see roi_map in the config")
+
+
+def _ingest_rtstruct(ctx: _Ctx, rec: SeriesRecord, series: dict[str, SeriesRecord]) -> None:
+    try:
+        ds = pydicom.dcmread(rec.paths[0])
+    except Exception as exc:  # noqa: BLE001
+        raise IngestError(f"{rec.paths[0]} (RTSTRUCT series {rec.uid}): unreadable or truncated ({exc})") from exc
+    ref_uid = _referenced_series_rtstruct(ds)
+    ref = series.get(ref_uid or "")
+    if ref is None or ref.uid not in ctx.grids:
+        raise IngestError(f"{rec.paths[0]} (RTSTRUCT series {rec.uid}): the image it was drawn on (series "
+                          f"{ref_uid}) is not in the export")
+    try:
+        masks = rasterize_rtstruct(ds, ctx.grids[ref.uid], source=f"{rec.paths[0]}")
+    except MaskError as exc:
+        raise IngestError(str(exc)) from exc
+    names = [r.name for r in rtstruct_rois(ds)]
+    _write_masks(ctx, rec, ref, [(n, masks[n]) for n in names if n in masks], "rtstruct")
+    for n in names:
+        if n not in masks:
+            ctx.add(**_base_row(ref, {}), role="empty_roi", source_roi_name=n, mask_source="rtstruct",
+                    note="ROI without contours")
+
+
+def _ingest_seg(ctx: _Ctx, rec: SeriesRecord, series: dict[str, SeriesRecord]) -> None:
+    from .seg import SegError, read_seg
+
+    ref_uid = _referenced_series_seg(rec.header)
+    ref = series.get(ref_uid or "")
+    if ref is None or ref.uid not in ctx.grids:
+        raise IngestError(f"{rec.paths[0]} (SEG series {rec.uid}): the image it was drawn on (series {ref_uid}) is "
+                          f"not in the export")
+    try:
+        segs = read_seg(rec.paths[0], ctx.grids[ref.uid])
+    except SegError as exc:
+        raise IngestError(str(exc)) from exc
+    _write_masks(ctx, rec, ref, [(s.label, s.mask) for s in segs], "seg")
+
+
+def _ingest_nifti(ctx: _Ctx, path: Path, series: dict[str, SeriesRecord]) -> None:
+    """A NIfTI mask or label map (with ``<stem>.tsv``: columns value, name) on one ingested image's grid."""
+    img = sitk.ReadImage(str(path))
+    g = Grid.of(img)
+    match = None
+    for uid, grid in ctx.grids.items():
+        if grid.size == g.size and np.allclose(grid.spacing, g.spacing, atol=1e-3) and \
+                np.allclose(grid.origin, g.origin, atol=1e-2) and np.allclose(grid.direction, g.direction, atol=1e-4):
+            match = series[uid]
+            break
+    if match is None:
+        raise IngestError(f"{path}: NIfTI mask whose grid matches no image of the export (mask outside its image?)")
+    arr = sitk.GetArrayFromImage(img)
+    stem = path.name[:-7] if path.name.endswith(".nii.gz") else path.stem
+    table = path.with_name(stem + ".tsv")
+    masks: list[tuple[str, np.ndarray]] = []
+    if table.exists():
+        lut = pd.read_csv(table, sep="\t", dtype={"value": int, "name": str})
+        for v, name in zip(lut["value"], lut["name"]):
+            masks.append((str(name), arr == int(v)))
+    else:
+        masks.append((stem, arr > 0))
+    fake = SeriesRecord(uid="", modality="NIFTI", sop_class="", study_uid=match.study_uid, frame_uid=match.frame_uid,
+                        header=pydicom.Dataset(), paths=[path])
+    _write_masks(ctx, fake, match, masks, "nifti")
+
+
+# ----------------------------------------------------------------------------- entry point
+
+def ingest(dicom_dir: str | Path, out_dir: str | Path, sheet: PatientSheet, config: IngestConfig | None = None) -> pd.DataFrame:
+    """Ingest one patient's export; returns the inventory (also written to ``out_dir/inventory.tsv``)."""
+    cfg = config or IngestConfig()
+    root, out = Path(dicom_dir), Path(out_dir)
+    if not root.is_dir():
+        raise IngestError(f"{root}: not a directory")
+    if out.exists() and any(out.iterdir()) and not (out / "inventory.tsv").exists():
+        raise IngestError(f"{out}: exists, is not empty and is not an ingest output; refusing to replace it")
+    series, nifti, other = scan(root)
+    if not series:
+        raise IngestError(f"{root}: no DICOM files found")
+    classify(series)
+    facts = label_sessions(series, sheet, cfg)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        ctx = _Ctx(out=tmp, rows=[], grids={}, mapper=RoiMapper(cfg.roi_map))
+        order = sorted(series.values(), key=lambda r: (r.session, r.kind, r.uid))
+        for rec in order:
+            f = facts.get(rec.session, {})
+            if rec.kind in ("ct", "mr"):
+                _ingest_ct_mr(ctx, rec, f)
+            elif rec.kind == "pet":
+                _ingest_pet(ctx, rec, f, sheet, cfg)
+            elif rec.kind in ("spect_nm", "spect_pt"):
+                _ingest_spect(ctx, rec, f, sheet, cfg)
+        for rec in order:
+            if rec.kind == "rtstruct":
+                _ingest_rtstruct(ctx, rec, series)
+            elif rec.kind == "seg":
+                _ingest_seg(ctx, rec, series)
+            elif rec.kind == "ignored":
+                ctx.add(series_instance_uid=rec.uid, modality=rec.modality, role="ignored",
+                        study_instance_uid=rec.study_uid, note=rec.note)
+        for p in nifti:
+            _ingest_nifti(ctx, p, series)
+        inv = pd.DataFrame(ctx.rows, columns=INVENTORY_COLUMNS)
+        inv.to_csv(tmp / "inventory.tsv", sep="\t", index=False)
+        (tmp / "sessions.json").write_text(json.dumps({"patient": sheet.patient, "design": sheet.design,
+                                                        "treated_lobe": sheet.treated_lobe, "sessions": facts,
+                                                        "ignored_files": len(other)}, indent=1, default=str))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("%s: %d sessions, %d files written, %d non-DICOM files ignored", sheet.patient, len(facts),
+             int((inv["path"] != "").sum()), len(other))
+    return inv

@@ -1,0 +1,20 @@
+rule ingest:
+    """DICOM export -> NIfTI images (CT HU, PET Bq/mL + SUV factors, SPECT Bq/mL, MR) and masks, with inventory."""
+    input:
+        dicom=dicom_dir,
+        sheet=config["patients"],
+    output:
+        directory(f"{RESULTS}/{{patient}}/ingest"),
+    params:
+        config_file=lambda wildcards: workflow.configfiles[-1] if workflow.configfiles else "",
+    log:
+        f"{RESULTS}/logs/ingest/{{patient}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/ingest/{{patient}}.tsv"
+    conda:
+        "../../envs/prrtquant.yaml"
+    threads: 1
+    resources:
+        mem_mb=3000,
+    script:
+        "../../scripts/ingest.py"
