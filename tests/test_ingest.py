@@ -292,3 +292,38 @@ def test_failed_rerun_keeps_previous_output(p01_copy, tmp_path):
     with pytest.raises(IngestError):
         ingest(src, out, _sheet("P01"))
     assert (out / "inventory.tsv").read_text() == before
+
+
+def test_nifti_label_map_and_unmapped_roi(p01_copy, tmp_path):
+    """A NIfTI label map (with its value/name table) on the reference CT grid becomes masks; an RTSTRUCT ROI
+    whose name maps to nothing is written and listed as unmapped, not dropped."""
+    src, t = p01_copy
+    from prrtquant.geometry import Grid
+
+    g = Grid(**{k: tuple(v) for k, v in t["sessions"]["pet_iv"]["ct"]["grid"].items()})
+    lab = np.zeros(g.shape_zyx, dtype=np.uint8)
+    lab[10:20, 20:30, 30:40] = 1
+    lab[25:30, 20:25, 10:15] = 2
+    sitk.WriteImage(g.image(lab), str(src / "labels.nii.gz"))
+    (src / "labels.tsv").write_text("value\tname\n1\tSegment 5-8\n2\tKidney L\n")
+    rs = _series_paths(src, t["sessions"]["pet_iv"]["masks"]["rtstruct_series_instance_uid"])
+    _edit(rs, lambda ds: setattr(ds.StructureSetROISequence[0], "ROIName", "Heart"))
+    out = tmp_path / "out"
+    cfg = IngestConfig(roi_map={"liver_right": [r"segments? 5-8"]})
+    inv = ingest(src, out, _sheet("P01"), cfg)
+    nif = inv[inv.mask_source == "nifti"]
+    assert set(nif.roi) == {"liver_right", "kidney_left"}
+    m = sitk.GetArrayFromImage(sitk.ReadImage(str(out / nif[nif.roi == "liver_right"].path.iloc[0])))
+    assert int(m.sum()) == 1000
+    un = inv[inv.role == "unmapped_mask"]
+    assert list(un.source_roi_name) == ["Heart"] and (out / un.path.iloc[0]).exists()
+
+
+def test_nifti_mask_on_no_image_is_refused(p01_copy, tmp_path):
+    src, t = p01_copy
+    from prrtquant.geometry import Grid
+
+    g = Grid(size=(10, 10, 10), spacing=(1.0, 1.0, 1.0), origin=(500.0, 0.0, 0.0))
+    sitk.WriteImage(g.image(np.ones(g.shape_zyx, dtype=np.uint8)), str(src / "stray.nii.gz"))
+    msg = _run_fails(src, tmp_path, "matches no image")
+    assert "stray.nii.gz" in msg
