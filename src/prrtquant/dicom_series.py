@@ -90,10 +90,18 @@ def load_sliced_series(paths: Sequence[Path], series_uid: str, rel_tol: float = 
 
 
 def rescaled_volume(series: SlicedSeries) -> Array:
-    """Stored values × RescaleSlope + RescaleIntercept, slice by slice, as float64 (z, y, x)."""
-    out = np.empty(series.grid.shape_zyx, dtype=np.float64)
+    """Stored values × RescaleSlope + RescaleIntercept, slice by slice (z, y, x).
+
+    Integer (int32) when every slope is 1 and every intercept a whole number (CT in HU), float64
+    otherwise.
+    """
+    slopes = [float(getattr(ds, "RescaleSlope", 1.0) or 1.0) for ds in series.datasets]
+    inters = [float(getattr(ds, "RescaleIntercept", 0.0) or 0.0) for ds in series.datasets]
+    integral = all(s == 1.0 for s in slopes) and all(float(i).is_integer() for i in inters)
+    out = np.empty(series.grid.shape_zyx, dtype=np.int32 if integral else np.float64)
     for k, ds in enumerate(series.datasets):
-        slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
-        inter = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
-        out[k] = ds.pixel_array.astype(np.float64) * slope + inter
+        if integral:
+            out[k] = ds.pixel_array.astype(np.int32) + int(inters[k])
+        else:
+            out[k] = ds.pixel_array.astype(np.float64) * slopes[k] + inters[k]
     return out
