@@ -38,6 +38,7 @@ import pydicom
 import SimpleITK as sitk
 
 from . import __version__
+from .dicom_values import combine, parse_datetime
 from .dicom_series import SeriesError, load_sliced_series, rescaled_volume
 from .geometry import Grid
 from .masks import MaskError, rasterize_rtstruct, rtstruct_rois
@@ -168,49 +169,24 @@ def scan(root: Path) -> tuple[dict[str, SeriesRecord], list[Path], list[Path]]:
 # ----------------------------------------------------------------------------- classification
 
 def _radionuclide(ds: pydicom.Dataset) -> str | None:
+    from .suv import radionuclide_of
+
     seq = getattr(ds, "RadiopharmaceuticalInformationSequence", None)
-    if not seq:
-        return None
-    item = seq[0]
-    code = getattr(item, "RadionuclideCodeSequence", None)
-    if code:
-        meaning = str(getattr(code[0], "CodeMeaning", "")).replace("^", "").lower()
-        for name in RADIONUCLIDES:
-            element, mass = name.split("-")
-            if mass in meaning and element.lower()[:2] in meaning[:4] + meaning:
-                return name
-        value = str(getattr(code[0], "CodeValue", ""))
-        for name, r in RADIONUCLIDES.items():
-            if value == r.code_value:
-                return name
-    hl = getattr(item, "RadionuclideHalfLife", None)
-    if hl not in (None, ""):
-        for name, r in RADIONUCLIDES.items():
-            if abs(float(hl) - r.half_life_s) / r.half_life_s < 0.02:
-                return name
-    return None
+    return radionuclide_of(seq[0]) if seq else None
 
 
 def _parse_dt(date: str | None, time: str | None) -> dt.datetime | None:
-    if not date or not time:
+    try:
+        return combine(date, time)
+    except ValueError:
         return None
-    t = str(time).strip()
-    frac = 0.0
-    if "." in t:
-        t, f = t.split(".", 1)
-        frac = float("0." + f) if f else 0.0
-    t = t.ljust(6, "0")
-    return dt.datetime.strptime(str(date).strip() + t, "%Y%m%d%H%M%S") + dt.timedelta(seconds=frac)
 
 
 def _parse_datetime(value: str | None) -> dt.datetime | None:
-    if not value:
+    try:
+        return parse_datetime(value)[0]
+    except ValueError:
         return None
-    v = str(value).strip()
-    v = re.split(r"[+-]\d{4}$", v)[0]
-    if len(v) < 14:
-        return None
-    return _parse_dt(v[:8], v[8:])
 
 
 def _injection(ds: pydicom.Dataset) -> dt.datetime | None:

@@ -35,16 +35,19 @@ from __future__ import annotations
 import datetime
 import math
 import re
-import struct
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import pydicom
-from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag, Tag
 
 from . import radionuclides
+from .dicom_values import number as _number
+from .dicom_values import parse_date as _parse_date
+from .dicom_values import parse_datetime as _parse_datetime
+from .dicom_values import parse_time as _parse_time
+from .dicom_values import text as _text
 
 __all__ = [
     "SuvError",
@@ -380,95 +383,26 @@ def _nuclide_from_half_life(half_life_s: float, rel_tol: float = 0.01) -> _Nucli
     return None
 
 
-# --------------------------------------------------------------------------------------------
-# value parsing
-# --------------------------------------------------------------------------------------------
+def radionuclide_of(rp: pydicom.Dataset) -> str | None:
+    """Radionuclide of a Radiopharmaceutical Information Sequence item ("Ga-68", "Lu-177", ...).
 
-def _text(value: Any) -> str | None:
-    """Attribute value (str, bytes, number, multi-value) as stripped text; None when empty."""
-    if value is None:
-        return None
-    if isinstance(value, (bytes, bytearray)):
-        value = bytes(value).decode("latin-1")
-    elif isinstance(value, (list, tuple, MultiValue)):
-        if len(value) == 0:
-            return None
-        value = value[0]
-        return _text(value)
-    s = str(value).strip().strip("\x00").strip()
-    if "\\" in s:
-        s = s.split("\\")[0].strip()
-    return s or None
-
-
-def _number(value: Any) -> float | None:
-    """Numeric value from DS/IS/FD/UN (text or 4/8-byte little-endian binary); None when empty."""
-    if value is None:
-        return None
-    if isinstance(value, (list, tuple, MultiValue)):
-        return _number(value[0]) if len(value) else None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    raw = bytes(value) if isinstance(value, (bytes, bytearray)) else None
-    s = _text(value)
-    if s is not None:
-        try:
-            return float(s)
-        except ValueError:
-            pass
-    if raw is not None and len(raw) in (4, 8):
-        v = struct.unpack("<f" if len(raw) == 4 else "<d", raw)[0]
-        if math.isfinite(v):
-            return float(v)
-    raise ValueError(f"not a number: {value!r}")
-
-
-def _parse_date(value: Any) -> datetime.date | None:
-    if isinstance(value, datetime.datetime):
-        return value.date()
-    if isinstance(value, datetime.date):
-        return value
-    s = _text(value)
-    if not s:
-        return None
-    s = s.replace(".", "").replace("-", "").replace("/", "")
-    if not re.fullmatch(r"\d{8}", s):
-        raise ValueError(f"not a DICOM date: {value!r}")
-    return datetime.date(int(s[:4]), int(s[4:6]), int(s[6:8]))
-
-
-def _parse_time(value: Any) -> datetime.time | None:
-    if isinstance(value, datetime.time):
-        return value
-    s = _text(value)
-    if not s:
-        return None
-    s = s.replace(":", "")
-    m = re.fullmatch(r"(\d{2})(\d{2})?(\d{2})?(?:\.(\d{1,6}))?", s)
-    if not m:
-        raise ValueError(f"not a DICOM time: {value!r}")
-    hh, mm, ss, frac = m.groups()
-    sec = min(int(ss or 0), 59)  # leap second 60 -> 59
-    return datetime.time(int(hh), int(mm or 0), sec, int((frac or "0").ljust(6, "0")))
-
-
-def _parse_datetime(value: Any) -> tuple[datetime.datetime | None, bool]:
-    """DICOM DT -> (naive datetime, had_utc_offset); None when empty or when it holds no time of day."""
-    if isinstance(value, datetime.datetime):
-        return value.replace(tzinfo=None), value.tzinfo is not None
-    s = _text(value)
-    if not s:
-        return None, False
-    m = re.fullmatch(r"(\d{8})(\d{2,6}(?:\.\d{1,6})?)?([+-]\d{4})?", s)
-    if not m:
-        raise ValueError(f"not a DICOM date-time: {value!r}")
-    if not m.group(2):
-        return None, False  # a date without a time of day cannot place an event in time
-    d = _parse_date(m.group(1))
-    assert d is not None
-    t = _parse_time(m.group(2))
-    assert t is not None
-    return datetime.datetime.combine(d, t), m.group(3) is not None
+    From the Radionuclide Code Sequence (meaning first, then code value), else the
+    Radiopharmaceutical name, else RadionuclideHalfLife; None when nothing identifies it.
+    """
+    codes = _get(rp, "RadionuclideCodeSequence") or []
+    if codes:
+        item = codes[0]
+        cv = _text(_get(item, "CodeValue"))
+        found = _nuclide_from_meaning(_text(_get(item, "CodeMeaning")) or "") or (
+            next((n for n in _NUCLIDES if cv in n.codes), None) if cv else None)
+        if found:
+            return found.name
+    found = _nuclide_from_meaning(_text(_get(rp, "Radiopharmaceutical")) or "")
+    if found:
+        return found.name
+    hl = _number(_get(rp, "RadionuclideHalfLife"))
+    found = _nuclide_from_half_life(hl) if hl else None
+    return found.name if found else None
 
 
 # --------------------------------------------------------------------------------------------
