@@ -14,6 +14,8 @@ import pandas as pd
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from .io import is_dicom_file
+
 SERIES_COLUMNS = ["study_instance_uid", "series_instance_uid", "frame_of_reference_uid", "modality",
                   "sop_class_uid", "series_date", "series_time", "series_description", "n_files", "first_file"]
 
@@ -22,15 +24,6 @@ SERIES_COLUMNS = ["study_instance_uid", "series_instance_uid", "frame_of_referen
 class IndexResult:
     series: pd.DataFrame
     non_dicom: list[str]
-
-
-def _is_dicom(path: Path) -> bool:
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(132)
-    except OSError:
-        return False
-    return len(head) == 132 and head[128:132] == b"DICM"
 
 
 def index_dicom(root: str | Path) -> IndexResult:
@@ -44,7 +37,7 @@ def index_dicom(root: str | Path) -> IndexResult:
         for fn in sorted(filenames):
             p = Path(dirpath) / fn
             rel = str(p.relative_to(root))
-            if not _is_dicom(p):
+            if not is_dicom_file(p):
                 non_dicom.append(rel)
                 continue
             try:

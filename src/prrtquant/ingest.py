@@ -41,6 +41,7 @@ from . import __version__
 from .dicom_values import combine, parse_datetime
 from .dicom_series import SeriesError, load_sliced_series, rescaled_volume
 from .geometry import Grid
+from .io import is_dicom_file
 from .masks import MaskError, rasterize_rtstruct, rtstruct_rois
 from .nm import NMGeometryError, read_nm
 from .radionuclides import RADIONUCLIDES
@@ -126,15 +127,6 @@ class SeriesRecord:
     note: str = ""
 
 
-def _is_dicom(path: Path) -> bool:
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(132)
-    except OSError:
-        return False
-    return len(head) == 132 and head[128:132] == b"DICM"
-
-
 def scan(root: Path) -> tuple[dict[str, SeriesRecord], list[Path], list[Path]]:
     """Header-only index: series, NIfTI files, other (ignored) files."""
     series: dict[str, SeriesRecord] = {}
@@ -146,7 +138,7 @@ def scan(root: Path) -> tuple[dict[str, SeriesRecord], list[Path], list[Path]]:
             if fn.endswith((".nii", ".nii.gz")):
                 nifti.append(p)
                 continue
-            if not _is_dicom(p):
+            if not is_dicom_file(p):
                 other.append(p)
                 continue
             try:
