@@ -138,11 +138,13 @@ def test_no_identifiers_in_any_output(ingested):
                     assert ident not in data, (f, ident)
 
 
-def test_cli_ingest_with_config_and_flat_layout(tmp_path):
-    """The CLI on a flat export with random file names and junk files, sheet taken from the config."""
+@pytest.mark.parametrize("spect_format", ["nm_bqml", "pt_bqml"])
+def test_cli_ingest_with_config_and_flat_layout(tmp_path, spect_format):
+    """The CLI on a flat export with random file names and junk files, sheet taken from the config; SPECT stored
+    in Bq/mL as NM (Real World Value Mapping) or exported as PET objects."""
     src = tmp_path / "flat"
     assert main(["phantom", "--out", str(src), "--seed", "11", "--n-lesions", "2", "--n-extrahepatic", "1",
-                 "--layout", "flat", "--spect-format", "nm_bqml", "--messy-names", "--pseudonym", "F01"]) == 0
+                 "--layout", "flat", "--spect-format", spect_format, "--messy-names", "--pseudonym", "F01"]) == 0
     sheet = json.loads((src / "sheet.json").read_text())
     pd.DataFrame([{"patient": "F01", "dicom_dir": "flat/DICOM", "design": sheet["design"],
                    "ia_pet_study_instance_uid": sheet["ia_pet_study_instance_uid"]}]).to_csv(
@@ -157,13 +159,14 @@ def test_cli_ingest_with_config_and_flat_layout(tmp_path):
     truth = json.loads((src / "truth.json").read_text())
     side = json.loads((out / "spect_c1_24h" / "spect.json").read_text())
     assert side["units_in_header"] == "BQML"
+    assert side["modality"] == ("PT" if spect_format == "pt_bqml" else "NM")
     img = sitk.ReadImage(str(out / "spect_c1_24h" / "spect.nii.gz"))
     st = truth["sessions"]["spect_c1_24h"]
     info = truth["lesions"]["lesion_1"]
-    if st["deformation"] is None:
-        m = _sphere_mask(img, info["center_mm"], info["radius_mm"], st["session_to_reference"])
-        assert sitk.GetArrayFromImage(img)[m].mean() == pytest.approx(st["reference_measured"]["lesion_1"]["bqml_mean"],
-                                                                     rel=1e-3)
+    assert st["deformation"] is None
+    m = _sphere_mask(img, info["center_mm"], info["radius_mm"], st["session_to_reference"])
+    assert sitk.GetArrayFromImage(img)[m].mean() == pytest.approx(st["reference_measured"]["lesion_1"]["bqml_mean"],
+                                                                 rel=1e-3)
 
 
 # ----------------------------------------------------------------------------- bad input
