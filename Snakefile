@@ -14,6 +14,7 @@ report: "workflow/report/workflow.rst"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/index.smk"
 include: "workflow/rules/ingest.smk"
+include: "workflow/rules/register.smk"
 include: "workflow/rules/cohort.smk"
 
 

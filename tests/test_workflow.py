@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -55,6 +56,9 @@ def test_workflow_runs_on_bundled_cohort(tmp_path):
         pet_ia = rows[(rows.session == "pet_ia") & (rows.role == "pet")]
         assert list(pet_ia.series_instance_uid) == [t["sessions"]["pet_ia"]["pet"]["series_instance_uid"]]
         assert (tmp_path / "results" / p / "ingest" / "pet_ia" / "pet.nii.gz").exists()
+        qc = json.loads((tmp_path / "results" / p / "register" / "qc.json").read_text())
+        assert qc["reference_session"] == "pet_iv" and not qc["flagged"], qc["failed_sessions"]
+        assert (tmp_path / "results" / p / "register" / "pet_ia" / "masks" / "binary" / "liver.nii.gz").exists()
     for p in COHORT:
         t = load_truth(p)
         # no identifier in any output or log (compressed NIfTI are checked in test_ingest)

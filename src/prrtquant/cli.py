@@ -74,6 +74,17 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_register(args: argparse.Namespace) -> int:
+    from .register_stage import register_patient, settings_from_config
+
+    cfg = _load_config(args.config)
+    settings, stage = settings_from_config(cfg.get("registration"))
+    summary = register_patient(args.ingest_dir, args.out, settings, **stage)
+    log.info("registration to %s: %s", summary["reference_session"],
+             "FLAGGED (" + ", ".join(summary["failed_sessions"]) + ")" if summary["flagged"] else "all QC passed")
+    return 0
+
+
 def _cmd_stack(args: argparse.Namespace) -> int:
     import pandas as pd
 
@@ -139,6 +150,14 @@ def _get_parser() -> argparse.ArgumentParser:
     ig.add_argument("--sheet", type=Path, help="patient sheet TSV (default: `patients` of --config)")
     ig.add_argument("--config", type=Path, help="workflow config.yaml (its `ingest` section is used)")
     ig.set_defaults(func=_cmd_ingest)
+
+    rg = sub.add_parser("register", parents=[common], help="register sessions, carry masks to emission grids, QC",
+                        description="Register every session's CT to the reference CT, propagate the reference "
+                                    "masks onto every PET/SPECT grid (binary and fractional), write QC.")
+    rg.add_argument("ingest_dir", type=Path, help="output folder of `prrtquant ingest`")
+    rg.add_argument("--out", required=True, type=Path)
+    rg.add_argument("--config", type=Path, help="workflow config.yaml (its `registration` section is used)")
+    rg.set_defaults(func=_cmd_register)
 
     sk = sub.add_parser("stack", parents=[common], help="stack per-patient tables into a cohort table")
     sk.add_argument("--table", action="append", default=[], metavar="PATIENT=PATH", help="repeat per patient")

@@ -24,4 +24,6 @@ def dicom_dir(wildcards):
 
 
 def all_targets():
-    return [f"{RESULTS}/cohort/series.tsv", f"{RESULTS}/cohort/inventory.tsv"]
+    return [f"{RESULTS}/cohort/series.tsv", f"{RESULTS}/cohort/inventory.tsv"] + expand(
+        f"{RESULTS}/{{patient}}/register", patient=PATIENTS.index
+    )

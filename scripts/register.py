@@ -1,0 +1,15 @@
+"""Snakemake entry point: register one patient's sessions (see `prrtquant register --help`)."""
+
+from prrtquant.cli import main
+
+
+def run(ingest_dir: str, out: str, config_file: str, log: str) -> int:
+    args = ["register", ingest_dir, "--out", out, "--log", log]
+    if config_file:
+        args += ["--config", config_file]
+    return main(args)
+
+
+if "snakemake" in globals():
+    sm = globals()["snakemake"]
+    raise SystemExit(run(sm.input.ingest, sm.output[0], str(sm.params.config_file), sm.log[0]))

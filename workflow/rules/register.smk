@@ -1,0 +1,19 @@
+rule register:
+    """Every session's CT to the reference CT; reference masks onto every PET/SPECT grid; QC and overlays."""
+    input:
+        ingest=f"{RESULTS}/{{patient}}/ingest",
+    output:
+        directory(f"{RESULTS}/{{patient}}/register"),
+    params:
+        config_file=lambda wildcards: workflow.configfiles[-1] if workflow.configfiles else "",
+    log:
+        f"{RESULTS}/logs/register/{{patient}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/register/{{patient}}.tsv"
+    conda:
+        "../../envs/prrtquant.yaml"
+    threads: 2
+    resources:
+        mem_mb=3000,
+    script:
+        "../../scripts/register.py"
