@@ -27,7 +27,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -41,7 +40,7 @@ from . import __version__
 from .dicom_values import combine, parse_datetime
 from .dicom_series import SeriesError, load_sliced_series, rescaled_volume
 from .geometry import Grid
-from .io import is_dicom_file
+from .io import atomic_directory, is_dicom_file
 from .masks import MaskError, rasterize_rtstruct, rtstruct_rois
 from .nm import NMGeometryError, read_nm
 from .radionuclides import RADIONUCLIDES
@@ -636,9 +635,7 @@ def ingest(dicom_dir: str | Path, out_dir: str | Path, sheet: PatientSheet, conf
         raise IngestError(f"{root}: no DICOM files found")
     classify(series)
     facts = label_sessions(series, sheet, cfg)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         ctx = _Ctx(out=tmp, rows=[], grids={}, mapper=RoiMapper(cfg.roi_map))
         order = sorted(series.values(), key=lambda r: (r.session, r.kind, r.uid))
         for rec in order:
@@ -664,12 +661,6 @@ def ingest(dicom_dir: str | Path, out_dir: str | Path, sheet: PatientSheet, conf
         (tmp / "sessions.json").write_text(json.dumps({"patient": sheet.patient, "design": sheet.design,
                                                         "treated_lobe": sheet.treated_lobe, "sessions": facts,
                                                         "ignored_files": len(other)}, indent=1, default=str))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("%s: %d sessions, %d files written, %d non-DICOM files ignored", sheet.patient, len(facts),
              int((inv["path"] != "").sum()), len(other))
     return inv

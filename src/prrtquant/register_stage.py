@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -31,6 +28,7 @@ import pandas as pd
 import SimpleITK as sitk
 
 from . import __version__
+from .io import atomic_directory
 from .registration import (
     RegistrationSettings,
     emission_overlay_png,
@@ -89,9 +87,7 @@ def register_patient(ingest_dir: str | Path, out_dir: str | Path, settings: Regi
     mrows = inv[(inv.session == ref) & (inv.role == "mask") & (inv.mask_source == source)]
     masks = {r.roi: sitk.ReadImage(str(ing / r.path)) for r in mrows.itertuples()}
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         (tmp / "transforms").mkdir()
         (tmp / "qc").mkdir()
         qc: dict[str, Any] = {}
@@ -155,12 +151,6 @@ def register_patient(ingest_dir: str | Path, out_dir: str | Path, settings: Regi
                    "prrtquant_version": __version__}
         (tmp / "qc.json").write_text(json.dumps(summary, indent=1, default=str))
         pd.DataFrame(rows).to_csv(tmp / "masks.tsv", sep="\t", index=False)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return summary
 
 

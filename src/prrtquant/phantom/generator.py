@@ -17,8 +17,6 @@ import datetime as dt
 import json
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -27,6 +25,7 @@ import numpy as np
 
 from .. import __version__
 from ..geometry import Grid, Rigid
+from ..io import atomic_directory
 from ..radionuclides import GA68, LU177
 from . import physics
 from .anatomy import Anatomy, Deformation, build_anatomy, healthy_rois, iter_rois
@@ -299,16 +298,8 @@ def generate_patient(out_dir: str | Path, design: Design = "whole_liver_ia", siz
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out}: output directory exists and is not empty")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         truth = _generate(tmp, opt)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return truth
 
 
