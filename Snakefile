@@ -15,6 +15,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/index.smk"
 include: "workflow/rules/ingest.smk"
 include: "workflow/rules/register.smk"
+include: "workflow/rules/quantify.smk"
 include: "workflow/rules/cohort.smk"
 
 

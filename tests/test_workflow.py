@@ -59,6 +59,9 @@ def test_workflow_runs_on_bundled_cohort(tmp_path):
         qc = json.loads((tmp_path / "results" / p / "register" / "qc.json").read_text())
         assert qc["reference_session"] == "pet_iv" and not qc["flagged"], qc["failed_sessions"]
         assert (tmp_path / "results" / p / "register" / "pet_ia" / "masks" / "binary" / "liver.nii.gz").exists()
+        elig = json.loads((tmp_path / "results" / p / "quantify" / "eligibility.json").read_text())
+        if t["design"] == "whole_liver_ia":
+            assert elig["eligible"] == t["enhancement_ratio"]["true_patient"]["eligible"]
     for p in COHORT:
         t = load_truth(p)
         # no identifier in any output or log (compressed NIfTI are checked in test_ingest)

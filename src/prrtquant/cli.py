@@ -85,6 +85,16 @@ def _cmd_register(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_quantify(args: argparse.Namespace) -> int:
+    from .quantify_stage import quantify_pet
+
+    q = dict(_load_config(args.config).get("quantify") or {})
+    elig = quantify_pet(args.ingest_dir, args.register_dir, args.out, **q)
+    log.info("ER statistic %s = %s (threshold %s): eligible %s%s", elig["statistic"], elig["value"],
+             elig["threshold"], elig["eligible"], " [flagged]" if elig.get("flagged") else "")
+    return 0
+
+
 def _cmd_stack(args: argparse.Namespace) -> int:
     import pandas as pd
 
@@ -158,6 +168,15 @@ def _get_parser() -> argparse.ArgumentParser:
     rg.add_argument("--out", required=True, type=Path)
     rg.add_argument("--config", type=Path, help="workflow config.yaml (its `registration` section is used)")
     rg.set_defaults(func=_cmd_register)
+
+    qu = sub.add_parser("quantify", parents=[common], help="PET endpoints: lesions.tsv, organs.tsv, eligibility.json",
+                        description="Per-lesion SUVmean/max/peak on IA and IV PET, enhancement ratios, eligibility, "
+                                    "tumour-to-liver ratio, organs at risk (lobe T/N and cycles: not yet).")
+    qu.add_argument("ingest_dir", type=Path)
+    qu.add_argument("register_dir", type=Path)
+    qu.add_argument("--out", required=True, type=Path)
+    qu.add_argument("--config", type=Path, help="workflow config.yaml (its `quantify` section is used)")
+    qu.set_defaults(func=_cmd_quantify)
 
     sk = sub.add_parser("stack", parents=[common], help="stack per-patient tables into a cohort table")
     sk.add_argument("--table", action="append", default=[], metavar="PATIENT=PATH", help="repeat per patient")

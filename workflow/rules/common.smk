@@ -25,5 +25,5 @@ def dicom_dir(wildcards):
 
 def all_targets():
     return [f"{RESULTS}/cohort/series.tsv", f"{RESULTS}/cohort/inventory.tsv"] + expand(
-        f"{RESULTS}/{{patient}}/register", patient=PATIENTS.index
+        f"{RESULTS}/{{patient}}/quantify", patient=PATIENTS.index
     )
