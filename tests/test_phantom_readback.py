@@ -13,6 +13,7 @@ import math
 import numpy as np
 import pydicom
 import pytest
+import SimpleITK as sitk
 from scipy import ndimage
 
 from conftest import COHORT, TEST_DATA, load_truth, physical_points, read_series_sitk, series_files
@@ -57,7 +58,7 @@ def test_ct_hounsfield_units_in_lesions_and_bone(patient):
     name, truth, series = patient
     st = truth["sessions"][truth["reference_session"]]
     img = read_series_sitk(series[st["ct"]["series_instance_uid"]])
-    arr = np.asarray(__import__("SimpleITK").GetArrayFromImage(img))
+    arr = sitk.GetArrayFromImage(img)
     les = truth["lesions"]["lesion_1"]
     mask = _sphere_mask(img, les["center_mm"], les["radius_mm"], st["session_to_reference"])
     # generator: lesion HU 38 with 6 HU noise; mean over the lesion voxels within 5 HU

@@ -45,6 +45,7 @@ from .masks import MaskError, rasterize_rtstruct, rtstruct_rois
 from .nm import NMGeometryError, read_nm
 from .radionuclides import RADIONUCLIDES
 from .roi_names import RoiMapper
+from .suv import total_dose_bq
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +215,10 @@ def _series_datetime(ds: pydicom.Dataset) -> dt.datetime | None:
             or _parse_dt(getattr(ds, "StudyDate", None), getattr(ds, "StudyTime", None)))
 
 
+def _iso(t: dt.datetime | None) -> str:
+    return t.isoformat() if t else ""
+
+
 def classify(series: dict[str, SeriesRecord]) -> None:
     for rec in series.values():
         m, ds = rec.modality, rec.header
@@ -371,7 +376,7 @@ class _Ctx:
 def _base_row(rec: SeriesRecord, facts: dict[str, Any]) -> dict[str, Any]:
     return {"series_instance_uid": rec.uid, "modality": rec.modality, "session": rec.session,
             "study_instance_uid": rec.study_uid, "frame_of_reference_uid": rec.frame_uid,
-            "acquisition_datetime": (_series_datetime(rec.header) or "") and _series_datetime(rec.header).isoformat(),  # type: ignore[union-attr]
+            "acquisition_datetime": _iso(_series_datetime(rec.header)),
             "radionuclide": facts.get("radionuclide"), "route": facts.get("route"), "cycle": facts.get("cycle"),
             "hours_pi": "" if facts.get("hours_pi") is None else f"{facts['hours_pi']:.3f}"}
 
@@ -456,9 +461,12 @@ def _ingest_spect(ctx: _Ctx, rec: SeriesRecord, facts: dict[str, Any], sheet: Pa
     dose = float(seq[0].RadionuclideTotalDose) if seq and "RadionuclideTotalDose" in seq[0] else None
     if dose is None:
         raise IngestError(f"{rec.paths[0]} (series {rec.uid}): RadionuclideTotalDose missing")
-    injected_bq = dose * 1e6 if dose < 1e5 else dose
-    if dose < 1e5:
-        notes.append(f"RadionuclideTotalDose {dose:g} read as MBq")
+    try:
+        injected_bq, dose_note = total_dose_bq(dose)
+    except ValueError as exc:
+        raise IngestError(f"{rec.paths[0]} (series {rec.uid}): RadionuclideTotalDose {exc}") from exc
+    if dose_note:
+        notes.append(dose_note)
     if rec.kind == "spect_nm":
         if len(rec.paths) != 1:
             raise IngestError(f"series {rec.uid}: {len(rec.paths)} NM files in one reconstruction series; expected one "
@@ -504,7 +512,7 @@ def _ingest_spect(ctx: _Ctx, rec: SeriesRecord, facts: dict[str, Any], sheet: Pa
             "units_in_header": units_in, "radionuclide": "Lu-177",
             "half_life_s": RADIONUCLIDES["Lu-177"].half_life_s, "injected_activity_bq": injected_bq,
             "injection_datetime": inj.isoformat() if inj else None,
-            "acquisition_datetime": (_series_datetime(ds) or "") and _series_datetime(ds).isoformat(),  # type: ignore[union-attr]
+            "acquisition_datetime": _iso(_series_datetime(ds)),
             "decay_correction": "NONE", "cycle": facts.get("cycle"), "hours_pi": facts.get("hours_pi"),
             "source_series_instance_uid": rec.uid, "study_instance_uid": rec.study_uid,
             "frame_of_reference_uid": rec.frame_uid, "scanner": _scanner(ds), "notes": notes,

@@ -383,6 +383,22 @@ def _nuclide_from_half_life(half_life_s: float, rel_tol: float = 0.01) -> _Nucli
     return None
 
 
+def total_dose_bq(value: float) -> tuple[float, str | None]:
+    """RadionuclideTotalDose in Bq, and a note when it was read as MBq.
+
+    The unit is told by magnitude (PET IODs use Bq, the NM isotope module MBq): below 2e4 it is
+    MBq, from 1e6 on Bq; in between is ambiguous and raises ValueError.
+
+    >>> total_dose_bq(7400.0)
+    (7400000000.0, 'dose in MBq converted to Bq (RadionuclideTotalDose 7400)')
+    """
+    if value < _DOSE_MBQ_MAX:
+        return value * 1.0e6, f"dose in MBq converted to Bq (RadionuclideTotalDose {value:g})"
+    if value >= _DOSE_BQ_MIN:
+        return value, None
+    raise ValueError(f"{value:g} is ambiguous (neither a plausible MBq nor Bq value)")
+
+
 def radionuclide_of(rp: pydicom.Dataset) -> str | None:
     """Radionuclide of a Radiopharmaceutical Information Sequence item ("Ga-68", "Lu-177", ...).
 
@@ -654,14 +670,12 @@ def convert_pet_series(datasets: Sequence[pydicom.Dataset], weight_kg_override: 
         raise ctx.error("RadionuclideTotalDose (0018,1074) missing")
     if not dose_raw > 0:
         raise ctx.error(f"RadionuclideTotalDose (0018,1074) is {dose_raw:g}")
-    if dose_raw < _DOSE_MBQ_MAX:
-        dose_bq = dose_raw * 1.0e6
-        ctx.note(f"dose in MBq converted to Bq (RadionuclideTotalDose {dose_raw:g})")
-    elif dose_raw >= _DOSE_BQ_MIN:
-        dose_bq = dose_raw
-    else:
-        raise ctx.error(f"RadionuclideTotalDose (0018,1074) {dose_raw:g} is ambiguous (neither a "
-                        "plausible MBq nor Bq value)")
+    try:
+        dose_bq, dose_note = total_dose_bq(dose_raw)
+    except ValueError as exc:
+        raise ctx.error(f"RadionuclideTotalDose (0018,1074) {exc}") from exc
+    if dose_note:
+        ctx.note(dose_note)
 
     code_nuclide: _Nuclide | None = None
     codes = _get(rp, "RadionuclideCodeSequence") or []

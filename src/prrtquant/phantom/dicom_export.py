@@ -48,10 +48,6 @@ class PatientInfo:
     weight_kg: float
     height_m: float
 
-    @property
-    def age(self) -> str:
-        return ""
-
 
 @dataclass(frozen=True)
 class SeriesInfo:

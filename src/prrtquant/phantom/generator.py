@@ -506,8 +506,8 @@ def _pet_session(s: Session, e_info: SeriesInfo, anat: Anatomy, acts: dict[str, 
     suv_img = stored / suv_to_bqml
     ref = {r: {"suvmean": float(suv_img[m].mean()), "suvmax": float(suv_img[m].max()),
                "bqml_mean": float(stored[m].mean()), "voxels": int(m.sum())} for r, m in masks.items() if m.any()}
-    true = {r: {"suv": _roi_mean(anat, r, suv, anat.region_volumes_ml),
-                "bqml": _roi_mean(anat, r, suv, anat.region_volumes_ml) * suv_to_bqml} for r in masks}
+    true_suv = {r: _roi_mean(anat, r, suv, anat.region_volumes_ml) for r in masks}
+    true = {r: {"suv": v, "bqml": v * suv_to_bqml} for r, v in true_suv.items()}
     return {"route": s.route, "radionuclide": "Ga-68", "injection_datetime": s.injection.isoformat(),
             "injected_activity_bq": s.injected_bq, "suv_bw_factor_ml_per_bq": weight_g / (s.injected_bq * decay),
             "decay_factor_injection_to_series": decay,
