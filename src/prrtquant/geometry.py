@@ -78,14 +78,15 @@ class Grid:
         c = np.array([[i, j, k] for i in (0, s[0]) for j in (0, s[1]) for k in (0, s[2])], dtype=float)
         return self.index_to_physical(c)
 
-    def refined(self, factor: int) -> "Grid":
-        """A grid whose voxels subdivide this grid's voxels ``factor`` times per axis."""
-        sp = np.asarray(self.spacing) / factor
+    def refined(self, factor: int | tuple[int, int, int]) -> "Grid":
+        """A grid whose voxels subdivide this grid's voxels ``factor`` times per axis (or (fx, fy, fz))."""
+        f = np.broadcast_to(np.asarray(factor, dtype=int), (3,))
+        sp = np.asarray(self.spacing) / f
         # first sub-voxel centre sits half a sub-voxel inside the parent voxel's corner
-        offset = (-(factor - 1) / 2.0) * sp
+        offset = (-(f - 1) / 2.0) * sp
         origin = np.asarray(self.origin) + self.direction_matrix @ offset
         return Grid(
-            size=tuple(int(s * factor) for s in self.size),  # type: ignore[arg-type]
+            size=tuple(int(s * k) for s, k in zip(self.size, f)),  # type: ignore[arg-type]
             spacing=tuple(float(v) for v in sp),  # type: ignore[arg-type]
             origin=tuple(float(v) for v in origin),  # type: ignore[arg-type]
             direction=self.direction,
