@@ -13,6 +13,7 @@ The same seed gives the same anatomy, activities, poses, UIDs and pixel values.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import math
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import SimpleITK as sitk
 
 from .. import __version__
 from ..geometry import Grid, Rigid
@@ -97,6 +99,16 @@ class PhantomOptions:
     head to feet with a negative SpacingBetweenSlices. ``with_mr``: add an MR session with an
     RTSTRUCT of the target lesions drawn on it. ``layout``: "pacs" (DICOM/STnnn/SEnnn/IMnnnnn)
     or "flat" (one folder, random file names, plus a few non-DICOM files).
+
+    ``emission_own_frame``: every PET and SPECT series gets its own FrameOfReferenceUID and its
+    own scanner frame, related to its session CT's by a rigid offset (rotations up to
+    ``emission_rotation_deg`` about each axis, 0.4× about x and y; a translation of
+    ``emission_offset_mm`` in a random direction; drawn from a generator of their own, so the
+    rest of the patient is unchanged); its grid is re-centred so that it still covers the same
+    anatomy. Truth: ``sessions.{id}.emission``. ``spect_time_points``: SPECT hours after
+    injection per cycle instead of the size's default (e.g. ``((24.0,),)`` for a quick patient
+    with one SPECT). These options are recorded in ``truth.json`` only when not at their
+    defaults, so that existing patients regenerate identically.
     """
 
     design: Design = "whole_liver_ia"
@@ -117,6 +129,16 @@ class PhantomOptions:
     camera_cps_per_mbq: float = 9.6
     max_repositioning_mm: float = 15.0
     max_rotation_deg: float = 5.0
+    emission_own_frame: bool = False
+    emission_offset_mm: float = 30.0
+    emission_rotation_deg: float = 4.0
+    spect_time_points: tuple[tuple[float, ...], ...] | None = None
+
+
+#: Options written to truth.json only when they differ from these defaults (added after the
+#: bundled cohort was made: its truth must regenerate identically).
+LATE_OPTION_DEFAULTS: dict[str, Any] = {"emission_own_frame": False, "emission_offset_mm": 30.0,
+                                        "emission_rotation_deg": 4.0, "spect_time_points": None}
 
 
 # --------------------------------------------------------------------------- names
@@ -159,6 +181,14 @@ class Session:
     is_reference: bool = False
     deformation: Deformation | None = None
     series: dict[str, SeriesInfo] = field(default_factory=dict)
+    #: emission scanner frame → reference frame when the emission has its own frame (else ``pose``)
+    em_pose: Rigid | None = None
+    #: emission scanner frame → session CT frame when the emission has its own frame
+    em_to_ct: Rigid | None = None
+
+    @property
+    def emission_pose(self) -> Rigid:
+        return self.em_pose if self.em_pose is not None else self.pose
 
 
 def _plan_sessions(opt: PhantomOptions, spec: SizeSpec, rng: np.random.Generator, anat: Anatomy) -> list[Session]:
@@ -202,8 +232,9 @@ def _plan_sessions(opt: PhantomOptions, spec: SizeSpec, rng: np.random.Generator
     sessions.append(Session("pet_ia", "PET", acq_ia, p, grid_for("CT", p, "ct"), grid_for("PET", p, "pet"),
                             route="IA", injection=inj_ia, injected_bq=float(rng.uniform(100, 140)) * 1e6,
                             deformation=deform(False)))
-    routes = _cycle_routes(opt.design, len(spec.cycles))
-    for c, tps in enumerate(spec.cycles, start=1):
+    cycles = spec.cycles if opt.spect_time_points is None else tuple(tuple(c) for c in opt.spect_time_points)
+    routes = _cycle_routes(opt.design, len(cycles))
+    for c, tps in enumerate(cycles, start=1):
         inj = at(28 + 56 * (c - 1), 10, int(rng.integers(0, 50)))
         a_inj = float(rng.uniform(7.2, 7.6)) * 1e9
         for h in tps:
@@ -217,6 +248,40 @@ def _plan_sessions(opt: PhantomOptions, spec: SizeSpec, rng: np.random.Generator
         sessions.append(Session("mr", "MR", at(-10, 11, 0), p, None, grid_for("MR", p, "mr"),
                                 deformation=deform(False)))
     return sessions
+
+
+def rigid_from_matrix(m: np.ndarray, center: tuple[float, float, float] = (0.0, 0.0, 0.0)) -> Rigid:
+    """The :class:`Rigid` (Euler angles about ``center``) of a 4×4 rigid matrix."""
+    e = sitk.Euler3DTransform()
+    e.SetCenter([float(v) for v in center])
+    e.SetMatrix([float(v) for v in np.asarray(m)[:3, :3].ravel()])
+    c = np.asarray(center, dtype=float)
+    t = np.asarray(m)[:3, :3] @ c + np.asarray(m)[:3, 3] - c
+    out = Rigid(tuple(float(math.degrees(a)) for a in (e.GetAngleX(), e.GetAngleY(), e.GetAngleZ())),  # type: ignore[arg-type]
+                tuple(float(v) for v in t), tuple(float(v) for v in center))  # type: ignore[arg-type]
+    if not np.allclose(out.matrix, m, atol=1e-9):
+        raise ValueError("not a rigid matrix")
+    return out
+
+
+def _emission_frames(opt: PhantomOptions, sessions: list[Session]) -> None:
+    """Give every PET/SPECT its own scanner frame (``emission_own_frame``), from a generator of its own."""
+    if not opt.emission_own_frame:
+        return
+    rng = np.random.default_rng([opt.seed, 20240108])
+    for s in sessions:
+        if s.kind not in ("PET", "SPECT"):
+            continue
+        a = rng.uniform(-1, 1, 3) * np.array([0.4, 0.4, 1.0]) * opt.emission_rotation_deg
+        d = rng.normal(size=3)
+        t = d / np.linalg.norm(d) * opt.emission_offset_mm
+        centre = tuple(float(v) for v in np.asarray(s.em_grid.origin)
+                       + (np.asarray(s.em_grid.size) - 1) / 2.0 * np.asarray(s.em_grid.spacing))
+        o = Rigid(tuple(float(v) for v in a), tuple(float(v) for v in t), centre)  # type: ignore[arg-type]
+        s.em_to_ct = o
+        s.em_pose = rigid_from_matrix(s.pose.matrix @ o.matrix, (0.0, 5.0, 0.0))
+        # the same anatomy in the field of view, in the emission's own coordinates
+        s.em_grid = centered_grid(s.em_grid.size, s.em_grid.spacing, o.inverse_apply(np.asarray(centre)[None, :])[0])
 
 
 def _cycle_routes(design: str, n: int) -> list[str]:
@@ -324,6 +389,7 @@ def _generate(out: Path, opt: PhantomOptions) -> dict[str, Any]:
     anat = patient_anatomy(opt, rng)
     acts = _activities(opt, anat, rng)
     sessions = _plan_sessions(opt, spec, rng, anat)
+    _emission_frames(opt, sessions)
 
     sex = "F" if rng.random() < 0.5 else "M"
     weight = float(np.round(rng.uniform(55, 95), 1))
@@ -383,12 +449,25 @@ def _generate(out: Path, opt: PhantomOptions) -> dict[str, Any]:
             if s.is_reference:
                 ref_ct_datasets = ds_ct
         # ---- emission / MR
+        if s.em_to_ct is not None:
+            assert s.em_pose is not None
+            em_frame = uid(opt.seed, pseudonym, s.id, "frame", "emission")
+            st["emission"] = {"frame_of_reference_uid": em_frame,
+                              "session_to_reference": s.em_pose.matrix.tolist(),
+                              "pose": {"angles_deg": list(s.em_pose.angles_deg),
+                                       "translation_mm": list(s.em_pose.translation),
+                                       "center_mm": list(s.em_pose.center)},
+                              "emission_to_ct": s.em_to_ct.matrix.tolist()}
         if s.kind == "PET":
             e_info = info("PT", f"PET {s.route} WB AC")
+            if s.em_to_ct is not None:
+                e_info = dataclasses.replace(e_info, frame_of_reference_uid=em_frame)
             st.update(_pet_session(s, e_info, anat, acts, opt, spec, patient, series_dir(si, 2), noise_rng,
                                    weight_g))
         elif s.kind == "SPECT":
             e_info = info("NM" if opt.spect_format != "pt_bqml" else "PT", f"SPECT Lu177 C{s.cycle} {int(s.hours_pi or 0)}h")
+            if s.em_to_ct is not None:
+                e_info = dataclasses.replace(e_info, frame_of_reference_uid=em_frame)
             st.update(_spect_session(s, e_info, anat, acts, opt, spec, patient, series_dir(si, 2), noise_rng,
                                      weight_g))
         else:
@@ -495,13 +574,13 @@ def _pet_session(s: Session, e_info: SeriesInfo, anat: Anatomy, acts: dict[str, 
     decay = math.exp(-GA68.decay_constant_per_s * (s.acquisition - s.injection).total_seconds())
     suv_to_bqml = s.injected_bq * decay / weight_g
     bq = physics.emission_image(anat, s.em_grid, physics.lut(anat, suv) * suv_to_bqml, PSF_FWHM_MM["PET"],
-                                spec.supersample, s.pose, s.deformation)
+                                spec.supersample, s.emission_pose, s.deformation)
     liver_level = suv["liver_left_parenchyma"] * suv_to_bqml
     bq = _noisy(bq, liver_level, opt.noise, rng)
     e = EmissionInfo(GA68, "Ga-68 DOTATATE", "Intravenous" if s.route == "IV" else "Intra-arterial",
                      s.injection, s.injected_bq, frame_duration_s=180.0)
     _, stored = write_pet(d, patient, e_info, s.em_grid, bq, e, bed_slices=max(1, s.em_grid.size[2] // 2))
-    labels = anat.label_grid(s.em_grid, s.pose, s.deformation)
+    labels = anat.label_grid(s.em_grid, s.emission_pose, s.deformation)
     masks = _exact_masks(anat, labels)
     suv_img = stored / suv_to_bqml
     ref = {r: {"suvmean": float(suv_img[m].mean()), "suvmax": float(suv_img[m].max()),
@@ -537,7 +616,7 @@ def _spect_session(s: Session, e_info: SeriesInfo, anat: Anatomy, acts: dict[str
     lam_h = LU177.decay_constant_per_s * 3600.0
     conc = {n: float(k.concentration(t_h, s.injected_bq, weight_g, lam_h)) for n, k in kin.items()}
     bq = physics.emission_image(anat, s.em_grid, physics.lut(anat, conc), PSF_FWHM_MM["SPECT"], spec.supersample,
-                                s.pose, s.deformation)
+                                s.emission_pose, s.deformation)
     bq = _noisy(bq, conc["liver_left_parenchyma"], opt.noise, rng)
     n_views, view_s = 60, 20.0
     duration_s = n_views * view_s
@@ -558,7 +637,7 @@ def _spect_session(s: Session, e_info: SeriesInfo, anat: Anatomy, acts: dict[str
     else:
         _, stored = write_pet(d, patient, e_info, s.em_grid, bq, e, decay_correction="NONE")
         units = "BQML"
-    labels = anat.label_grid(s.em_grid, s.pose, s.deformation)
+    labels = anat.label_grid(s.em_grid, s.emission_pose, s.deformation)
     masks = _exact_masks(anat, labels)
     ref = {r: {"bqml_mean": float(stored[m].mean()), "bqml_max": float(stored[m].max()),
                "activity_mbq": float(stored[m].sum() * vvox / 1e6), "voxels": int(m.sum())}
@@ -659,7 +738,8 @@ def _truth(opt: PhantomOptions, anat: Anatomy, acts: dict[str, Any], sessions: l
     return {
         "schema": "prrtquant-phantom-truth/1",
         "generator": {"version": __version__, "design": opt.design, "size": opt.size, "seed": opt.seed,
-                      "options": {k: v for k, v in vars(opt).items() if k not in ("design", "size", "seed")}},
+                      "options": {k: v for k, v in vars(opt).items() if k not in ("design", "size", "seed")
+                                  and not (k in LATE_OPTION_DEFAULTS and v == LATE_OPTION_DEFAULTS[k])}},
         "pseudonym": pseudonym,
         "identifiers": {"patient_name": patient.name, "patient_id": patient.patient_id,
                         "birth_date": patient.birth_date},
