@@ -69,7 +69,8 @@ def _dt(d: dt.datetime) -> tuple[str, str]:
     return d.strftime("%Y%m%d"), d.strftime("%H%M%S.%f")[:13]
 
 
-def _new_dataset(sop_class: str, sop_uid: str) -> FileDataset:
+def new_dataset(sop_class: str, sop_uid: str) -> FileDataset:
+    """An empty Part 10 dataset (explicit VR little endian) of this SOP class and instance, ISO_IR 100."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class
     meta.MediaStorageSOPInstanceUID = sop_uid
@@ -145,7 +146,7 @@ def write_ct(out_dir: Path, patient: PatientInfo, s: SeriesInfo, grid: Grid, hu:
     stored = np.clip(np.rint(hu + np.float32(1024.0)), 0, 4095).astype(np.uint16)
     written: list[Dataset] = []
     for inst, k in enumerate(_slice_order(grid), start=1):
-        ds = _new_dataset(CT_STORAGE, uid(s.series_uid, "ct", k))
+        ds = new_dataset(CT_STORAGE, uid(s.series_uid, "ct", k))
         _patient_study_series(ds, patient, s, "CT")
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
         ds.InstanceNumber = inst
@@ -212,7 +213,7 @@ def write_pet(out_dir: Path, patient: PatientInfo, s: SeriesInfo, grid: Grid, bq
         slope = vmax / 32000.0 if vmax > 0 else 1.0
         q = np.clip(np.rint(sl / slope), -32768, 32767).astype(np.int16)
         stored_vals[k] = q.astype(np.float64) * float(f"{slope:.10g}")
-        ds = _new_dataset(PET_STORAGE, uid(s.series_uid, "pt", k))
+        ds = new_dataset(PET_STORAGE, uid(s.series_uid, "pt", k))
         _patient_study_series(ds, patient, s, "PT")
         ds.ImageType = ["ORIGINAL", "PRIMARY"]
         ds.InstanceNumber = inst
@@ -260,7 +261,7 @@ def write_nm(out_dir: Path, patient: PatientInfo, s: SeriesInfo, grid: Grid, val
     out_dir.mkdir(parents=True, exist_ok=True)
     nz = grid.size[2]
     order = list(range(nz - 1, -1, -1)) if negative_spacing else list(range(nz))
-    ds = _new_dataset(NM_STORAGE, uid(s.series_uid, "nm"))
+    ds = new_dataset(NM_STORAGE, uid(s.series_uid, "nm"))
     _patient_study_series(ds, patient, s, "NM")
     ds.ImageType = ["ORIGINAL", "PRIMARY", "RECON TOMO", "EMISSION"]
     ds.InstanceNumber = 1
@@ -341,7 +342,7 @@ def write_mr(out_dir: Path, patient: PatientInfo, s: SeriesInfo, grid: Grid, sig
     q = np.clip(np.rint(signal), 0, 32767).astype(np.int16)
     written = []
     for inst, k in enumerate(_slice_order(grid), start=1):
-        ds = _new_dataset(MR_STORAGE, uid(s.series_uid, "mr", k))
+        ds = new_dataset(MR_STORAGE, uid(s.series_uid, "mr", k))
         _patient_study_series(ds, patient, s, "MR")
         ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND"]
         ds.InstanceNumber = inst
@@ -376,7 +377,7 @@ def write_rtstruct(path: Path, patient: PatientInfo, s: SeriesInfo, images: Sequ
                    rois: Iterable[RoiContours], label: str = "Masks") -> Dataset:
     """RT Structure Set referencing ``images`` (the slices contours were drawn on)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    ds = _new_dataset(RTSTRUCT_STORAGE, uid(s.series_uid, "rtstruct"))
+    ds = new_dataset(RTSTRUCT_STORAGE, uid(s.series_uid, "rtstruct"))
     _patient_study_series(ds, patient, s, "RTSTRUCT")
     del ds.FrameOfReferenceUID, ds.PositionReferenceIndicator, ds.PatientPosition
     ds.InstanceNumber = 1
