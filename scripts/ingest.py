@@ -3,8 +3,8 @@
 from prrtquant.cli import main
 
 
-def run(dicom_dir: str, out: str, patient: str, sheet: str, config_file: str, log: str) -> int:
-    args = ["ingest", dicom_dir, "--out", out, "--patient", patient, "--sheet", sheet, "--log", log]
+def run(dicom_dir: str, out: str, patient: str, sheet: str, config_file: str, log: str, on_error: str = "fail") -> int:
+    args = ["ingest", dicom_dir, "--out", out, "--patient", patient, "--sheet", sheet, "--log", log, "--on-error", on_error]
     if config_file:
         args += ["--config", config_file]
     return main(args)
@@ -13,4 +13,5 @@ def run(dicom_dir: str, out: str, patient: str, sheet: str, config_file: str, lo
 if "snakemake" in globals():
     sm = globals()["snakemake"]
     raise SystemExit(run(sm.input.dicom, sm.output[0], sm.wildcards.patient, sm.input.sheet,
-                         str(sm.params.config_file), sm.log[0]))
+                         str(sm.params.config_file), sm.log[0],
+                         sm.params.on_error))

@@ -3,8 +3,8 @@
 from prrtquant.cli import main
 
 
-def run(ingest_dir: str, out: str, config_file: str, log: str) -> int:
-    args = ["register", ingest_dir, "--out", out, "--log", log]
+def run(ingest_dir: str, out: str, config_file: str, log: str, on_error: str = "fail") -> int:
+    args = ["register", ingest_dir, "--out", out, "--log", log, "--on-error", on_error]
     if config_file:
         args += ["--config", config_file]
     return main(args)
@@ -12,4 +12,5 @@ def run(ingest_dir: str, out: str, config_file: str, log: str) -> int:
 
 if "snakemake" in globals():
     sm = globals()["snakemake"]
-    raise SystemExit(run(sm.input.ingest, sm.output[0], str(sm.params.config_file), sm.log[0]))
+    raise SystemExit(run(sm.input.ingest, sm.output[0], str(sm.params.config_file), sm.log[0],
+                         sm.params.on_error))

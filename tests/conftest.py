@@ -55,3 +55,22 @@ def physical_points(img: sitk.Image) -> np.ndarray:
     d = np.asarray(img.GetDirection()).reshape(3, 3)
     pts = (ijk * np.asarray(img.GetSpacing())) @ d.T + np.asarray(img.GetOrigin())
     return pts.reshape(size[2], size[1], size[0], 3)
+
+
+@pytest.fixture(scope="session")
+def processed_cohort(tmp_path_factory) -> dict[str, Path]:
+    """Every bundled patient ingested and registered once (default settings), shared by the stage tests.
+
+    Returns patient -> folder holding ``ingest/`` and ``register/``. Tests must not modify these folders
+    (copy them first).
+    """
+    from prrtquant.cli import main
+
+    out = {}
+    for p in COHORT:
+        d = tmp_path_factory.mktemp(f"processed_{p}")
+        assert main(["ingest", str(TEST_DATA / p / "DICOM"), "--out", str(d / "ingest"), "--patient", p,
+                     "--sheet", str(TEST_DATA / "patients.tsv")]) == 0
+        assert main(["register", str(d / "ingest"), "--out", str(d / "register")]) == 0
+        out[p] = d
+    return out

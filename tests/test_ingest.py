@@ -330,3 +330,19 @@ def test_nifti_mask_on_no_image_is_refused(p01_copy, tmp_path):
     sitk.WriteImage(g.image(np.ones(g.shape_zyx, dtype=np.uint8)), str(src / "stray.nii.gz"))
     msg = _run_fails(src, tmp_path, "matches no image")
     assert "stray.nii.gz" in msg
+
+
+def test_index_lists_an_unusable_file_and_keeps_the_rest(tmp_path):
+    """The header-only index is a survey: a truncated file is a row with the reason, every series is still
+    there (ingest, which converts, refuses the same export: see the bad-input tests)."""
+    dicom = tmp_path / "DICOM"
+    shutil.copytree(TEST_DATA / "P02" / "DICOM", dicom)
+    victim = sorted(p for p in dicom.rglob("*") if p.is_file())[0]
+    victim.write_bytes(victim.read_bytes()[:600])
+    assert main(["index", str(dicom), "--out", str(tmp_path / "series.tsv")]) == 0
+    table = pd.read_csv(tmp_path / "series.tsv", sep="\t", dtype=str, keep_default_na=False)
+    bad = table[table.note != ""]
+    assert list(bad.first_file) == [str(victim.relative_to(dicom))]
+    assert "not a usable DICOM file" in bad.note.iloc[0]
+    uids = set(series_files(TEST_DATA / "P02" / "DICOM"))
+    assert set(table.series_instance_uid[table.note == ""]) == uids

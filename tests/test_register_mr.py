@@ -1,9 +1,7 @@
 """MR → reference CT and emission → own-CT registration (different frames of reference), against truth.
 
 - P03 (bundled) has an MR in its own pose and frame with an RTSTRUCT of the target lesions drawn on
-  it. Its ingest output is cut to the sessions ``pet_iv`` (reference), ``pet_ia`` and ``mr`` (the
-  inventory is the stage's input; the other SPECT sessions only repeat CT→CT work tested elsewhere),
-  then ``register_patient`` runs once per module.
+  it; it is ingested and registered once for all stage tests (``processed_cohort`` in conftest).
 - An emission-own-frame patient is generated here (tiny, one SPECT time point, 3 lesions): every
   PET/SPECT has its own FrameOfReferenceUID and a rigid offset (30 mm, up to 4°) from its CT; truth
   ``sessions.{id}.emission.session_to_reference`` maps its scanner frame to the reference frame.
@@ -68,14 +66,10 @@ def _anatomy(truth: dict):
 # ----------------------------------------------------------------------------- MR (P03)
 
 @pytest.fixture(scope="module")
-def p03(tmp_path_factory):
-    d = tmp_path_factory.mktemp("mr")
-    ing = d / "ingest"
-    ingest(TEST_DATA / "P03" / "DICOM", ing, PatientSheet.from_tsv(TEST_DATA / "patients.tsv", "P03"))
-    inv = pd.read_csv(ing / "inventory.tsv", sep="\t", dtype=str, keep_default_na=False)
-    inv[inv.session.isin(["pet_iv", "pet_ia", "mr"])].to_csv(ing / "inventory.tsv", sep="\t", index=False)
-    summary = register_patient(ing, d / "register", RegistrationSettings(), fractional=False)
-    return {"dir": d, "truth": load_truth("P03"), "summary": summary}
+def p03(processed_cohort):
+    """P03 ingested and registered with default settings (once for all stage tests, see conftest)."""
+    d = processed_cohort["P03"]
+    return {"dir": d, "truth": load_truth("P03"), "summary": json.loads((d / "register" / "qc.json").read_text())}
 
 
 def test_mr_to_reference_tre_and_qc(p03):

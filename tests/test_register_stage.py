@@ -9,18 +9,14 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 
-from conftest import TEST_DATA, load_truth
-from prrtquant.cli import main
-from prrtquant.ingest import PatientSheet, ingest
+from conftest import load_truth
 from prrtquant.registration import read_transform
 
 
 @pytest.fixture(scope="module")
-def registered(tmp_path_factory):
-    d = tmp_path_factory.mktemp("reg")
-    ingest(TEST_DATA / "P01" / "DICOM", d / "ingest", PatientSheet.from_tsv(TEST_DATA / "patients.tsv", "P01"))
-    assert main(["register", str(d / "ingest"), "--out", str(d / "register")]) == 0
-    return d, load_truth("P01")
+def registered(processed_cohort):
+    """P01 ingested and registered with default settings (once for all stage tests, see conftest)."""
+    return processed_cohort["P01"], load_truth("P01")
 
 
 def test_saved_transforms_map_lesion_centres_within_2_mm(registered):

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -34,38 +38,101 @@ def test_wrong_config_key_fails_before_any_job(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def _sheet_with_broken_patient(tmp_path: Path) -> Path:
+    """The bundled sheet (absolute DICOM paths) plus P04: a copy of P02's export with one file truncated."""
+    sheet = pd.read_csv(ROOT / "test_data" / "patients.tsv", sep="\t", dtype=str, keep_default_na=False)
+    sheet["dicom_dir"] = [str(ROOT / "test_data" / d) for d in sheet.dicom_dir]
+    broken = tmp_path / "P04_DICOM"
+    shutil.copytree(ROOT / "test_data" / "P02" / "DICOM", broken)
+    victim = sorted(f for f in broken.rglob("*") if f.is_file())[0]
+    victim.write_bytes(victim.read_bytes()[:600])
+    p04 = sheet[sheet.patient == "P02"].copy()
+    p04["patient"], p04["dicom_dir"] = "P04", str(broken)
+    out = tmp_path / "patients.tsv"
+    pd.concat([sheet, p04]).to_csv(out, sep="\t", index=False)
+    return out
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+
+
 @pytest.mark.slow
 def test_workflow_runs_on_bundled_cohort(tmp_path):
+    """The whole DAG on the bundled cohort plus a broken patient: killed (SIGKILL) once the first ingest is
+    complete, rerun to the end without redoing finished jobs; results, cohort outputs, report checked."""
     cfg = tmp_path / "config.yaml"
-    cfg.write_text(f"patients: {ROOT / 'test_data/patients.tsv'}\nresults: {tmp_path / 'results'}\n")
-    r = _snakemake("--cores", "2", "--configfile", str(cfg), "--directory", str(tmp_path), check=False)
+    results = tmp_path / "results"
+    cfg.write_text(f"patients: {_sheet_with_broken_patient(tmp_path)}\nresults: {results}\n")
+    cmd = [SNAKEMAKE, "--workflow-profile", str(ROOT / "workflow" / "profiles" / "default"), "--cores", "2",
+           "--configfile", str(cfg), "--directory", str(tmp_path)]
+    first_log = tmp_path / "first_run.log"
+    with open(first_log, "w") as fh:
+        first = subprocess.Popen(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 600
+    finished: list[str] = []
+    while time.monotonic() < deadline and first.poll() is None:
+        text = first_log.read_text(errors="ignore")
+        finished = re.findall(r"Finished jobid: (\d+) \(Rule: ingest\)", text)
+        if finished:
+            break
+        time.sleep(0.5)
+    assert finished and first.poll() is None, "no ingest job finished before the run ended"
+    _kill_group(first)  # SIGKILL: running jobs die half-way
+    text = first_log.read_text(errors="ignore")
+    jobs = dict(re.findall(r"rule ingest:.*?jobid: (\d+).*?wildcards: patient=(\w+)", text, re.S))
+    done = [results / jobs[j] / "ingest" for j in finished]
+    stamp = {d: (d / "inventory.tsv").stat().st_mtime_ns for d in done}
+    # a killed Snakemake leaves its lock: the documented recovery is --unlock, then the same command again
+    assert subprocess.run([*cmd, "--unlock"], cwd=ROOT, capture_output=True, timeout=120).returncode == 0
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
-    table = pd.read_csv(tmp_path / "results" / "cohort" / "series.tsv", sep="\t", dtype=str)
-    assert sorted(table.patient.unique()) == COHORT
+    for d, ns in stamp.items():  # finished before the kill: not redone
+        assert (d / "inventory.tsv").stat().st_mtime_ns == ns, d
+    assert not list(results.rglob(".*.tmp*")), "temporary output of the killed job left behind"
+    table = pd.read_csv(results / "cohort" / "series.tsv", sep="\t", dtype=str)
+    assert sorted(table.patient.unique()) == [*COHORT, "P04"]  # P04's index lists its broken file
+    assert table[(table.patient == "P04")].note.fillna("").str.contains("not a usable DICOM file").sum() == 1
     for p in COHORT:
         t = load_truth(p)
-        rows = table[table.patient == p]
-        uids = set(rows.series_instance_uid)
+        uids = set(table[table.patient == p].series_instance_uid)
         assert t["sessions"]["pet_ia"]["pet"]["series_instance_uid"] in uids
         assert t["sessions"]["pet_iv"]["masks"]["seg_series_instance_uid"] in uids
-    inv = pd.read_csv(tmp_path / "results" / "cohort" / "inventory.tsv", sep="\t", dtype=str, keep_default_na=False)
+    inv = pd.read_csv(results / "cohort" / "inventory.tsv", sep="\t", dtype=str, keep_default_na=False)
+    assert sorted(inv.patient.unique()) == COHORT
     for p in COHORT:
         t = load_truth(p)
         rows = inv[inv.patient == p]
         assert set(rows.session[rows.session != ""]) == set(t["sessions"])
-        pet_ia = rows[(rows.session == "pet_ia") & (rows.role == "pet")]
-        assert list(pet_ia.series_instance_uid) == [t["sessions"]["pet_ia"]["pet"]["series_instance_uid"]]
-        assert (tmp_path / "results" / p / "ingest" / "pet_ia" / "pet.nii.gz").exists()
-        qc = json.loads((tmp_path / "results" / p / "register" / "qc.json").read_text())
+        qc = json.loads((results / p / "register" / "qc.json").read_text())
         assert qc["reference_session"] == "pet_iv" and not qc["flagged"], qc["failed_sessions"]
-        assert (tmp_path / "results" / p / "register" / "pet_ia" / "masks" / "binary" / "liver.nii.gz").exists()
-        elig = json.loads((tmp_path / "results" / p / "quantify" / "eligibility.json").read_text())
-        if t["design"] == "whole_liver_ia":
-            assert elig["eligible"] == t["enhancement_ratio"]["true_patient"]["eligible"]
+        elig = json.loads((results / p / "quantify" / "eligibility.json").read_text())
+        assert elig["eligible"] == t["enhancement_ratio"]["true_patient"]["eligible"]
+        dos = pd.read_csv(results / p / "dosimetry" / "dosimetry.tsv", sep="\t", dtype={"cycle": str})
+        assert {"1", "2", "cumulative"} <= set(dos.cycle)
+    # the broken patient: recorded at ingest, passed on, listed as failed; the others are complete
+    assert json.loads((results / "P04" / "ingest" / "FAILED.json").read_text())["stage"] == "ingest"
+    assert json.loads((results / "P04" / "dosimetry" / "FAILED.json").read_text())["upstream"] is True
+    summary = json.loads((results / "cohort" / "summary.json").read_text())
+    n_eligible = sum(load_truth(p)["enhancement_ratio"]["true_patient"]["eligible"] for p in COHORT)
+    assert summary["n_patients"] == 4 and summary["n_eligible"] == n_eligible
+    assert list(summary["failed"]) == ["P04"] and "ingest" in summary["failed"]["P04"]
+    elig = pd.read_csv(results / "cohort" / "eligibility.tsv", sep="\t").set_index("patient")
+    assert elig.loc["P04", "status"] == "failed" and (elig.loc[COHORT, "status"] == "ok").all()
+    dos = pd.read_csv(results / "cohort" / "dosimetry.tsv", sep="\t")
+    assert sorted(dos.patient.unique()) == COHORT
+    # the report: QC overlays, tables, TAC and cohort plots, with the failed patient listed
+    rep = subprocess.run([*cmd, "--report", str(tmp_path / "report.html")], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
+    assert rep.returncode == 0, rep.stderr[-3000:]
+    html = (tmp_path / "report.html").read_text(errors="ignore")
+    for needle in ("Registration QC", "Endpoints", "Dosimetry", "Cohort", "lobar_tn_paired", "lesions.tsv"):
+        assert needle in html, needle
+    # no identifier in any output, log or the report (compressed NIfTI are checked in test_ingest)
     for p in COHORT:
         t = load_truth(p)
-        # no identifier in any output or log (compressed NIfTI are checked in test_ingest)
-        for f in (tmp_path / "results").rglob("*"):
+        for f in [*results.rglob("*"), tmp_path / "report.html"]:
             if f.is_file() and not f.name.endswith(".gz"):
                 text = f.read_text(errors="ignore")
                 for ident in t["identifiers"].values():

@@ -27,7 +27,7 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
         treated_lobe=args.treated_lobe, noise=args.noise, deformation=args.deformation,
         messy_names=args.messy_names, spect_format=args.spect_format,
         nm_negative_spacing=args.nm_negative_spacing, with_mr=args.mr, layout=args.layout,
-        camera_cps_per_mbq=args.camera_cps_per_mbq)
+        camera_cps_per_mbq=args.camera_cps_per_mbq, emission_own_frame=args.emission_own_frame)
     er = truth["enhancement_ratio"]
     log.info("wrote %s: %s design, %d lesions, %d sessions; true mean ER %.2f (eligible: %s)",
              args.out, truth["design"], len(truth["lesions"]), len(truth["sessions"]),
@@ -42,7 +42,11 @@ def _cmd_index(args: argparse.Namespace) -> int:
     res = index_dicom(args.dicom_dir)
     with atomic_path(args.out) as tmp:
         res.series.to_csv(tmp, sep="\t", index=False)
-    log.info("%s: %d series, %d non-DICOM files ignored", args.dicom_dir, len(res.series), len(res.non_dicom))
+    bad = res.series[res.series.note != ""]
+    for r in bad.itertuples():
+        log.warning("%s: %s", r.first_file, r.note)
+    log.info("%s: %d series, %d unusable DICOM files, %d non-DICOM files ignored", args.dicom_dir,
+             len(res.series) - len(bad), len(bad), len(res.non_dicom))
     return 0
 
 
@@ -86,25 +90,41 @@ def _cmd_register(args: argparse.Namespace) -> int:
 
 
 def _cmd_quantify(args: argparse.Namespace) -> int:
-    from .quantify_stage import quantify_pet
+    from .quantify_stage import QuantifySettings, quantify_patient
 
-    q = dict(_load_config(args.config).get("quantify") or {})
-    elig = quantify_pet(args.ingest_dir, args.register_dir, args.out, **q)
+    settings = QuantifySettings.from_config(_load_config(args.config).get("quantify"))
+    elig = quantify_patient(args.ingest_dir, args.register_dir, args.out, settings)
     log.info("ER statistic %s = %s (threshold %s): eligible %s%s", elig["statistic"], elig["value"],
              elig["threshold"], elig["eligible"], " [flagged]" if elig.get("flagged") else "")
+    return 0
+
+
+def _cmd_dosimetry(args: argparse.Namespace) -> int:
+    from .dosimetry import settings_from_config
+    from .dosimetry_stage import dosimetry_patient
+
+    settings = settings_from_config(_load_config(args.config).get("dosimetry"))
+    summary = dosimetry_patient(args.ingest_dir, args.register_dir, args.out, settings)
+    flags = [f"{x['region']} {x['quantity']} ({x['method']}) {x['value_gy']:.2f} Gy > {x['limit_gy']:g} Gy"
+             for x in summary.get("limits_exceeded") or []]
+    log.info("dosimetry: %d cycle(s)%s", len(summary.get("cycles") or {}),
+             f"; limits exceeded (flagged, not decided): {'; '.join(flags)}" if flags else ", no limit exceeded")
     return 0
 
 
 def _cmd_stack(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from .io import atomic_path
+    from .io import atomic_path, read_failure
 
     frames = []
     for spec in args.table:
         patient, _, path = spec.partition("=")
         if not path:
             raise ValueError(f"--table {spec!r}: expected PATIENT=PATH")
+        if read_failure(Path(path).parent) is not None:
+            log.warning("%s: %s failed earlier, left out of the stack", patient, path)
+            continue
         df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
         df.insert(0, "patient", patient)
         frames.append(df)
@@ -115,10 +135,33 @@ def _cmd_stack(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_cohort(args: argparse.Namespace) -> int:
+    from .cohort import cohort_summary
+
+    dirs = {}
+    for spec in args.quantify:
+        patient, _, path = spec.partition("=")
+        if not path:
+            raise ValueError(f"--quantify {spec!r}: expected PATIENT=PATH")
+        dirs[patient] = Path(path)
+    dos = {}
+    for spec in args.dosimetry:
+        patient, _, path = spec.partition("=")
+        if not path:
+            raise ValueError(f"--dosimetry {spec!r}: expected PATIENT=PATH")
+        dos[patient] = Path(path)
+    cohort_summary(dirs, args.out, dosimetry_dirs=dos)
+    return 0
+
+
 def _get_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     common.add_argument("--log", type=Path, help="also write the log to this file")
+    stage = argparse.ArgumentParser(add_help=False, parents=[common])
+    stage.add_argument("--on-error", choices=["fail", "record"], default="fail",
+                       help="on bad input: fail (exit 2, no output) or record the error in OUT/FAILED.json and "
+                            "exit 0, so later stages and the cohort list the patient as failed (default: fail)")
     p = argparse.ArgumentParser(prog="prrtquant", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"prrtquant {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -142,6 +185,8 @@ def _get_parser() -> argparse.ArgumentParser:
                     help="NM frames head to feet with negative SpacingBetweenSlices")
     ph.add_argument("--mr", action="store_true", help="add an MR session with target lesions drawn on it")
     ph.add_argument("--layout", choices=["pacs", "flat"], default="pacs")
+    ph.add_argument("--emission-own-frame", action="store_true",
+                    help="give every PET and SPECT its own frame of reference and pose (registered to its CT)")
     ph.add_argument("--camera-cps-per-mbq", type=float, default=9.6, help="SPECT camera sensitivity")
     ph.set_defaults(func=_cmd_phantom)
 
@@ -151,7 +196,7 @@ def _get_parser() -> argparse.ArgumentParser:
     ix.add_argument("--out", required=True, type=Path, help="series table (TSV)")
     ix.set_defaults(func=_cmd_index)
 
-    ig = sub.add_parser("ingest", parents=[common], help="DICOM export -> NIfTI images and masks with inventory",
+    ig = sub.add_parser("ingest", parents=[stage], help="DICOM export -> NIfTI images and masks with inventory",
                         description="Convert one patient's DICOM export into physical images (CT in HU, PET in "
                                     "Bq/mL with SUV factors, SPECT in Bq/mL, MR) and masks, with inventory.tsv.")
     ig.add_argument("dicom_dir", type=Path)
@@ -161,7 +206,7 @@ def _get_parser() -> argparse.ArgumentParser:
     ig.add_argument("--config", type=Path, help="workflow config.yaml (its `ingest` section is used)")
     ig.set_defaults(func=_cmd_ingest)
 
-    rg = sub.add_parser("register", parents=[common], help="register sessions, carry masks to emission grids, QC",
+    rg = sub.add_parser("register", parents=[stage], help="register sessions, carry masks to emission grids, QC",
                         description="Register every session's CT to the reference CT, propagate the reference "
                                     "masks onto every PET/SPECT grid (binary and fractional), write QC.")
     rg.add_argument("ingest_dir", type=Path, help="output folder of `prrtquant ingest`")
@@ -169,14 +214,43 @@ def _get_parser() -> argparse.ArgumentParser:
     rg.add_argument("--config", type=Path, help="workflow config.yaml (its `registration` section is used)")
     rg.set_defaults(func=_cmd_register)
 
-    qu = sub.add_parser("quantify", parents=[common], help="PET endpoints: lesions.tsv, organs.tsv, eligibility.json",
+    qu = sub.add_parser("quantify", parents=[stage],
+                        help="endpoints: lesions, eligibility, organs, lobe T/N, cycles",
                         description="Per-lesion SUVmean/max/peak on IA and IV PET, enhancement ratios, eligibility, "
-                                    "tumour-to-liver ratio, organs at risk (lobe T/N and cycles: not yet).")
+                                    "tumour-to-liver ratio and SSTR positivity, organs at risk; per SPECT time "
+                                    "point lobe T/N (lobar design) and every region's uptake per cycle. Writes "
+                                    "lesions.tsv, eligibility.json, organs.tsv, lobes.tsv, lobe_lesions.tsv, "
+                                    "cycles.tsv, quantify.json.")
     qu.add_argument("ingest_dir", type=Path)
     qu.add_argument("register_dir", type=Path)
     qu.add_argument("--out", required=True, type=Path)
     qu.add_argument("--config", type=Path, help="workflow config.yaml (its `quantify` section is used)")
     qu.set_defaults(func=_cmd_quantify)
+
+    do = sub.add_parser("dosimetry", parents=[stage],
+                        help="177Lu SPECT dosimetry: TACs, fits, TIA, residence time, absorbed dose, BED",
+                        description="Per region and cycle: activity at every SPECT time point (tac.tsv), mono/bi/"
+                                    "tri-exponential and uptake-washout fits chosen by AICc, trapezoid + physical "
+                                    "tail, single-time-point methods (fits.tsv), TIA, residence time, absorbed dose "
+                                    "by local deposition, voxel-kernel convolution and S-values, kidney BED, "
+                                    "cumulative doses vs limits (dosimetry.tsv), DVHs, dose maps as NIfTI and "
+                                    "RTDOSE, TAC plots.")
+    do.add_argument("ingest_dir", type=Path)
+    do.add_argument("register_dir", type=Path)
+    do.add_argument("--out", required=True, type=Path)
+    do.add_argument("--config", type=Path, help="workflow config.yaml (its `dosimetry` section is used)")
+    do.set_defaults(func=_cmd_dosimetry)
+
+    co = sub.add_parser("cohort", parents=[common], help="cohort tables, eligibility count, lobar comparison, plots",
+                        description="Stack every patient's quantify tables, count eligible patients, compare treated "
+                                    "vs control lobe T/N across lobar patients (paired t-test on log T/N, geometric "
+                                    "mean ratio with 95%% CI, Wilcoxon), plot; failed patients are listed.")
+    co.add_argument("--quantify", action="append", default=[], metavar="PATIENT=DIR",
+                    help="a patient's quantify folder (repeat per patient)")
+    co.add_argument("--dosimetry", action="append", default=[], metavar="PATIENT=DIR",
+                    help="a patient's dosimetry folder (repeat per patient; dosimetry.tsv is stacked)")
+    co.add_argument("--out", required=True, type=Path, help="cohort folder (e.g. results/cohort)")
+    co.set_defaults(func=_cmd_cohort)
 
     sk = sub.add_parser("stack", parents=[common], help="stack per-patient tables into a cohort table")
     sk.add_argument("--table", action="append", default=[], metavar="PATIENT=PATH", help="repeat per patient")
@@ -195,10 +269,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=handlers, force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("highdicom").setLevel(logging.WARNING)
+    from .io import read_failure, write_failure
+
+    for folder in (getattr(args, a, None) for a in ("ingest_dir", "register_dir")):
+        failure = read_failure(folder) if folder is not None else None
+        if failure is not None:  # an earlier stage recorded a failure: pass it on, do not crash
+            log.error("%s: not run, %s failed earlier: %s", args.command, failure["stage"], failure["error"])
+            write_failure(args.out, failure["stage"], failure["error"], upstream=True)
+            return 0
     try:
         return int(args.func(args))
     except (FileExistsError, FileNotFoundError, ValueError, KeyError) as exc:
         log.error("%s", exc)
+        if getattr(args, "on_error", "fail") == "record":
+            write_failure(args.out, args.command, str(exc))
+            log.error("%s: failure recorded in %s (the cohort lists this patient as failed)", args.command,
+                      Path(args.out) / "FAILED.json")
+            return 0
         return 2
 
 

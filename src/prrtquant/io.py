@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import glob
+import math
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 
 @contextlib.contextmanager
@@ -15,6 +17,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it to ``path`` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # left by a killed earlier attempt
+        with contextlib.suppress(OSError):
+            stale.unlink()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -29,9 +34,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 @contextlib.contextmanager
 def atomic_directory(path: str | Path) -> Iterator[Path]:
     """Yield an empty temporary folder next to ``path``; when the block succeeds it replaces ``path``
-    (an existing ``path`` is removed only then), when it fails it is deleted and ``path`` is untouched."""
+    (an existing ``path`` is removed only then), when it fails it is deleted and ``path`` is untouched.
+    Temporary folders of an earlier attempt that was killed (``.{name}.tmp-*``) are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):  # left by a killed earlier attempt
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         yield tmp
@@ -51,3 +59,40 @@ def is_dicom_file(path: str | Path) -> bool:
     except OSError:
         return False
     return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def json_ready(o: Any) -> Any:
+    """A copy of ``o`` that :func:`json.dumps` writes as strict JSON: NaN and ±inf become null, numpy
+    scalars Python numbers, tuples lists (dict keys become strings)."""
+    if isinstance(o, dict):
+        return {str(k): json_ready(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [json_ready(v) for v in o]
+    if hasattr(o, "item") and not isinstance(o, (str, bytes)):
+        o = o.item()
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    return o
+
+
+#: A stage output folder holding only this file records that the stage failed on this patient's data.
+FAILED = "FAILED.json"
+
+
+def read_failure(folder: str | Path) -> dict[str, Any] | None:
+    """The failure record of a stage output folder (``stage``, ``error``, ``upstream``), or None."""
+    p = Path(folder) / FAILED
+    if not p.is_file():
+        return None
+    import json
+
+    return dict(json.loads(p.read_text()))
+
+
+def write_failure(folder: str | Path, stage: str, error: str, upstream: bool = False) -> None:
+    """Replace ``folder`` (atomically) by a folder holding only the failure record."""
+    import json
+
+    with atomic_directory(folder) as tmp:
+        (tmp / FAILED).write_text(json.dumps({"status": "failed", "stage": stage, "error": error,
+                                              "upstream": upstream}, indent=1))

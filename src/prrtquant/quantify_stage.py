@@ -1,135 +1,411 @@
-"""The PET part of the quantification stage (Bordeaux design): lesions.tsv, organs.tsv, eligibility.json.
+"""The quantification stage on one patient: every endpoint of the five protocols, from the ingest and
+registration outputs.
 
-Uses the ingest output (PET in Bq/mL + SUVbw factor, reference masks) and the registration output
-(masks on each PET grid). Lobe T/N, cycles and cohort statistics are not wired yet (see
-:mod:`prrtquant.quantify` for the tested computations).
+``quantify_patient(ingest_dir, register_dir, out_dir, settings)`` writes atomically into ``out_dir``:
+
+- ``lesions.tsv`` — Bordeaux design: per target lesion its lobe (majority, with the fraction), volume,
+  SUVmean/max/peak and Bq/mL mean on the IA and IV PET, ER from means, maxima and peaks, the
+  tumour-to-liver ratio on the IV PET and SSTR positivity;
+- ``eligibility.json`` — the ER statistic, its value, the threshold, the decision, the lesions used
+  (the treated lobe's in the lobar design), the SSTR-positive fraction (ReLUTH rule), QC flags;
+- ``organs.tsv`` — organs at risk, healthy liver and extrahepatic lesions: SUVmean IA and IV, ratio;
+- ``lobes.tsv`` — lobar design (LUTIA): per SPECT time point and lobe, treated/control, T, N, T/N and the
+  treated-over-control ratio, kidney and extrahepatic uptake as % of injected activity; empty (header
+  only) with a note in ``quantify.json`` for the whole-liver design;
+- ``lobe_lesions.tsv`` — the per-lesion T/N behind each lobe's row;
+- ``cycles.tsv`` — per therapy cycle and SPECT time point, every region's mean concentration, activity
+  and % of injected activity, with the cycle's route (IA or IV): IA cycles vs IV cycles (MSK design);
+- ``quantify.json`` — settings, notes (missing sessions, lesions outside a field of view, straddling
+  lesions, non-positive backgrounds), the liver-only disease check (NELMAS) and the retreatment rule.
+
+Missing sessions or regions never stop the stage: the endpoints that need them are left empty (NaN in
+tables, null in JSON) and a note says why; everything else is computed.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import pandas as pd
 import SimpleITK as sitk
 
 from . import __version__
-from .io import atomic_directory
+from .io import atomic_directory, json_ready
 from .quantify import (
+    QuantifyError,
     assign_lobe,
     eligibility,
     enhancement_ratios,
     healthy_liver_mask,
+    lobe_tn,
     region_stats,
+    retreatment_fraction,
     sstr_positive,
     suv_peak,
     tumour_to_liver,
 )
 
+log = logging.getLogger(__name__)
+
 ORGANS = ("kidney_left", "kidney_right", "spleen", "bone_marrow")
+LOBES = ("left", "right")
+ER_STATS = ("er_mean", "er_max", "er_peak")
+LOBE_COLUMNS = ["cycle", "session", "hours_pi", "endpoint", "route", "lobe", "role", "lesions", "t_bqml",
+                "n_bqml", "tn", "tn_treated_over_control", "n_voxels_t", "n_voxels_n", "kidneys_pct_ia",
+                "extrahepatic_pct_ia", "note"]
 
 
-def _pet(ingest_dir: Path, inv: pd.DataFrame, session: str) -> tuple[sitk.Image, sitk.Image] | None:
-    rows = inv[(inv.session == session) & (inv.role == "pet")]
-    if rows.empty:
+@dataclass(frozen=True)
+class QuantifySettings:
+    """The config's ``quantify`` section (defaults = the trials' rules)."""
+
+    statistic: str = "er_max"          #: per-lesion ratio averaged for eligibility
+    threshold: float = 3.0             #: mean ER at or above which the patient is eligible
+    max_lesions: int = 5               #: target lesions used (reader's order)
+    mask_kind: str = "binary"          #: binary | fractional propagated masks for means
+    liver_margin_mm: float = 0.0       #: healthy liver = liver minus lesions dilated by this
+    tn_hours: float = 24.0             #: nominal SPECT time point of the lobar T/N endpoint
+    sstr_threshold: float = 1.0        #: SSTR-positive when lesion/healthy-liver SUVmean >= this
+    retreatment_required: float = 0.9  #: ReLUTH: share of SSTR-positive lesions required
+    straddle_fraction: float = 0.9     #: a lesion with less of itself in its lobe is reported as straddling
+
+    def __post_init__(self) -> None:
+        if self.statistic not in ER_STATS:
+            raise ValueError(f"quantify.statistic must be one of {list(ER_STATS)}, got {self.statistic!r}")
+        if self.mask_kind not in ("binary", "fractional"):
+            raise ValueError(f"quantify.mask_kind must be binary or fractional, got {self.mask_kind!r}")
+        if self.max_lesions < 1:
+            raise ValueError(f"quantify.max_lesions must be >= 1, got {self.max_lesions}")
+        if not (self.liver_margin_mm >= 0):
+            raise ValueError(f"quantify.liver_margin_mm must be >= 0, got {self.liver_margin_mm}")
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any] | None) -> "QuantifySettings":
+        cfg = dict(cfg or {})
+        unknown = set(cfg) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"quantify: unknown setting(s) {sorted(unknown)}")
+        return cls(**cfg)
+
+
+# ----------------------------------------------------------------------------------------- inputs
+
+def _number(name: str) -> int:
+    return int(name.rsplit("_", 1)[1])
+
+
+class _Patient:
+    """The ingest and registration outputs of one patient, read lazily."""
+
+    def __init__(self, ingest_dir: Path, register_dir: Path, mask_kind: str) -> None:
+        self.ing, self.reg, self.mask_kind = ingest_dir, register_dir, mask_kind
+        for p in (ingest_dir / "inventory.tsv", ingest_dir / "sessions.json", register_dir / "qc.json",
+                  register_dir / "masks.tsv"):
+            if not p.exists():
+                raise QuantifyError(f"{p}: missing (run `prrtquant ingest` and `prrtquant register` first)")
+        self.inv = pd.read_csv(ingest_dir / "inventory.tsv", sep="\t", dtype=str, keep_default_na=False)
+        self.sessions = json.loads((ingest_dir / "sessions.json").read_text())
+        self.qc = json.loads((register_dir / "qc.json").read_text())
+        self.mask_table = pd.read_csv(register_dir / "masks.tsv", sep="\t", dtype=str, keep_default_na=False)
+        ref, source = self.qc["reference_session"], self.qc["mask_source"]
+        rows = self.inv[(self.inv.session == ref) & (self.inv.role == "mask") & (self.inv.mask_source == source)]
+        self.ref_masks = {r.roi: sitk.ReadImage(str(ingest_dir / r.path)) for r in rows.itertuples()}
+        self.lesions = sorted((r for r in self.ref_masks if r.startswith("lesion_")), key=_number)
+        self.extra = sorted((r for r in self.ref_masks if r.startswith("extrahepatic_")), key=_number)
+
+    def image(self, session: str, role: str) -> tuple[sitk.Image, dict[str, Any]] | None:
+        rows = self.inv[(self.inv.session == session) & (self.inv.role == role)]
+        if rows.empty:
+            return None
+        path = self.ing / rows.iloc[0].path
+        side = json.loads(path.with_name(path.name.replace(".nii.gz", ".json")).read_text())
+        return sitk.ReadImage(str(path), sitk.sitkFloat64), side
+
+    def masks(self, session: str, kind: str) -> dict[str, sitk.Image]:
+        t = self.mask_table
+        rows = t[(t.session == session) & (t.kind == kind)]
+        return {r.roi: sitk.ReadImage(str(self.reg / r.path)) for r in rows.itertuples()}
+
+    def spect_sessions(self) -> list[tuple[str, dict[str, Any]]]:
+        out = [(s, d) for s, d in self.sessions.get("sessions", {}).items() if s.startswith("spect_")]
+        return sorted(out, key=lambda kv: (int(kv[1].get("cycle") or 0), float(kv[1].get("hours_pi") or 0.0)))
+
+
+def _session_masks(pt: _Patient, session: str, margin_mm: float) -> tuple[dict[str, sitk.Image],
+                                                                          dict[str, sitk.Image]]:
+    """(masks used for means, binary masks) of one emission session, with healthy-liver masks added."""
+    binary = pt.masks(session, "binary")
+    means = binary if pt.mask_kind == "binary" else pt.masks(session, "fractional")
+    lesion_masks = [binary[l] for l in pt.lesions if l in binary]
+    for whole, healthy in (("liver", "healthy_liver"), ("liver_left", "healthy_liver_left"),
+                           ("liver_right", "healthy_liver_right")):
+        if whole in binary:
+            binary[healthy] = healthy_liver_mask(binary[whole], lesion_masks, margin_mm)
+            if means is not binary:
+                means[healthy] = healthy_liver_mask(means[whole], lesion_masks, margin_mm)
+    return means, binary
+
+
+def _stats(image: sitk.Image, mask: sitk.Image) -> dict[str, float] | None:
+    try:
+        return region_stats(image, mask)
+    except ValueError:
         return None
-    path = ingest_dir / rows.iloc[0].path
-    side = json.loads(path.with_name(path.name.replace(".nii.gz", ".json")).read_text())
-    bq = sitk.ReadImage(str(path), sitk.sitkFloat64)
-    return bq, bq * float(side["suv_bw_factor"])
 
 
-def _masks(register_dir: Path, session: str, kind: str) -> dict[str, sitk.Image]:
-    table = pd.read_csv(register_dir / "masks.tsv", sep="\t", dtype=str, keep_default_na=False)
-    rows = table[(table.session == session) & (table.kind == kind)]
-    return {r.roi: sitk.ReadImage(str(register_dir / r.path)) for r in rows.itertuples()}
+# ----------------------------------------------------------------------------------------- PET
 
-
-def _pet_stats(bq: sitk.Image, suv: sitk.Image, masks: dict[str, sitk.Image], binary: dict[str, sitk.Image],
-               roi: str) -> dict[str, float]:
-    m = masks[roi]
-    s = region_stats(suv, m)
-    b = region_stats(bq, m)
-    peak, _ = suv_peak(suv, binary[roi])
-    return {"suvmean": s["mean"], "suvmax": s["max"], "suvpeak": peak, "bqml_mean": b["mean"]}
-
-
-def quantify_pet(ingest_dir: str | Path, register_dir: str | Path, out_dir: str | Path, statistic: str = "er_max",
-                 threshold: float = 3.0, mask_kind: str = "binary", liver_margin_mm: float = 0.0,
-                 max_lesions: int = 5) -> dict[str, Any]:
-    ing, reg = Path(ingest_dir), Path(register_dir)
-    inv = pd.read_csv(ing / "inventory.tsv", sep="\t", dtype=str, keep_default_na=False)
-    qc = json.loads((reg / "qc.json").read_text())
-    ref, source = qc["reference_session"], qc["mask_source"]
-    ref_masks = {r.roi: sitk.ReadImage(str(ing / r.path)) for r in inv[
-        (inv.session == ref) & (inv.role == "mask") & (inv.mask_source == source)].itertuples()}
-    lesions = sorted((r for r in ref_masks if r.startswith("lesion_")), key=lambda s: int(s.split("_")[1]))
-    extra = sorted((r for r in ref_masks if r.startswith("extrahepatic_")), key=lambda s: int(s.split("_")[1]))
-    notes: list[str] = []
+def _pet_part(pt: _Patient, s: QuantifySettings, notes: list[str]) -> dict[str, dict[str, dict[str, float]]]:
     stats: dict[str, dict[str, dict[str, float]]] = {}
     for route, session in (("ia", "pet_ia"), ("iv", "pet_iv")):
-        pet = _pet(ing, inv, session)
+        pet = pt.image(session, "pet")
         if pet is None:
-            notes.append(f"{session} missing: endpoints that need it are reported missing")
+            notes.append(f"{session}: no such session; the endpoints that need it are reported missing")
             continue
-        bq, suv = pet
-        binary = _masks(reg, session, "binary")
-        masks = binary if mask_kind == "binary" else _masks(reg, session, "fractional")
-        hl = healthy_liver_mask(binary["liver"], [binary[l] for l in lesions], liver_margin_mm)
-        binary["healthy_liver"] = masks["healthy_liver"] = hl
+        bq, side = pet
+        suv = bq * float(side["suv_bw_factor"])
+        means, binary = _session_masks(pt, session, s.liver_margin_mm)
         per: dict[str, dict[str, float]] = {}
-        for roi in [*lesions, *extra, *ORGANS, "healthy_liver"]:
-            if roi not in masks:
+        for roi in [*pt.lesions, *pt.extra, *ORGANS, "healthy_liver"]:
+            if roi not in means:
+                continue
+            st, sb = _stats(suv, means[roi]), _stats(bq, means[roi])
+            if st is None:
+                notes.append(f"{session} {roi}: outside the field of view (empty mask on this grid)")
                 continue
             try:
-                per[roi] = _pet_stats(bq, suv, masks, binary, roi)
-            except ValueError as exc:  # e.g. a lesion outside this PET's field of view
-                notes.append(f"{session} {roi}: {exc}")
-        stats[route] = per
-    ia, iv = stats.get("ia", {}), stats.get("iv", {})
-    er = enhancement_ratios({l: ia[l] for l in lesions if l in ia}, {l: iv[l] for l in lesions if l in iv}) \
-        if ia and iv else pd.DataFrame(index=pd.Index(lesions, name="lesion"),
-                                       columns=["er_mean", "er_max", "er_peak"], dtype=float)
-    rows = []
-    for les in lesions:
-        lobe, frac = ("", math.nan)
-        if "liver_left" in ref_masks and "liver_right" in ref_masks:
-            try:
-                lobe, frac = assign_lobe(ref_masks[les], ref_masks["liver_left"], ref_masks["liver_right"])
+                peak, _ = suv_peak(suv, binary[roi])
             except ValueError:
-                lobe = ""
-        vol = region_stats(ref_masks[les], ref_masks[les])["volume_ml"]
+                peak = math.nan
+            per[roi] = {"suvmean": st["mean"], "suvmax": st["max"], "suvpeak": peak,
+                        "bqml_mean": sb["mean"] if sb else math.nan}
+        stats[route] = per
+    return stats
+
+
+def _lesion_lobes(pt: _Patient, s: QuantifySettings, notes: list[str]) -> dict[str, tuple[str, float]]:
+    out: dict[str, tuple[str, float]] = {}
+    if not {"liver_left", "liver_right"} <= set(pt.ref_masks):
+        notes.append("no liver_left/liver_right masks: lesions have no lobe, lobe endpoints missing")
+        return out
+    for les in pt.lesions:
+        try:
+            lobe, frac = assign_lobe(pt.ref_masks[les], pt.ref_masks["liver_left"], pt.ref_masks["liver_right"])
+        except ValueError as exc:
+            notes.append(f"{les}: no lobe ({exc})")
+            continue
+        out[les] = (lobe, frac)
+        if frac < s.straddle_fraction:
+            notes.append(f"{les} straddles the lobe boundary: assigned to the {lobe} lobe by majority "
+                         f"({100 * frac:.0f}% of its volume)")
+    return out
+
+
+def _lesion_table(pt: _Patient, stats: Mapping[str, Mapping[str, Mapping[str, float]]],
+                  lobes: Mapping[str, tuple[str, float]], er: pd.DataFrame,
+                  s: QuantifySettings) -> pd.DataFrame:
+    ia, iv = stats.get("ia", {}), stats.get("iv", {})
+    rows = []
+    for les in pt.lesions:
+        lobe, frac = lobes.get(les, ("", math.nan))
+        vol = region_stats(pt.ref_masks[les], pt.ref_masks[les])["volume_ml"]
         row: dict[str, Any] = {"lesion": les, "lobe": lobe, "lobe_fraction": frac, "volume_ml": vol}
         for route, d in (("ia", ia), ("iv", iv)):
             for k in ("suvmean", "suvmax", "suvpeak", "bqml_mean"):
                 row[f"{k}_{route}"] = d.get(les, {}).get(k, math.nan)
-        for k in ("er_mean", "er_max", "er_peak"):
+        for k in ER_STATS:
             row[k] = float(er.loc[les, k]) if les in er.index else math.nan
-        if les in iv and "healthy_liver" in iv:
+        if les in iv and "healthy_liver" in iv and iv["healthy_liver"]["suvmean"] > 0:
             tlr = tumour_to_liver(iv[les]["suvmean"], iv["healthy_liver"]["suvmean"])
-            row["tlr_iv"], row["sstr_positive"] = tlr, sstr_positive(tlr)
+            row["tlr_iv"], row["sstr_positive"] = tlr, sstr_positive(tlr, s.sstr_threshold)
         else:
             row["tlr_iv"], row["sstr_positive"] = math.nan, None
         rows.append(row)
-    lesion_table = pd.DataFrame(rows)
-    organ_rows = []
-    for roi in [*ORGANS, "healthy_liver", *extra]:
+    cols = ["lesion", "lobe", "lobe_fraction", "volume_ml"] + [f"{k}_{r}" for r in ("ia", "iv") for k in (
+        "suvmean", "suvmax", "suvpeak", "bqml_mean")] + list(ER_STATS) + ["tlr_iv", "sstr_positive"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def _organ_table(pt: _Patient, stats: Mapping[str, Mapping[str, Mapping[str, float]]]) -> pd.DataFrame:
+    ia, iv = stats.get("ia", {}), stats.get("iv", {})
+    rows = []
+    for roi in [*ORGANS, "healthy_liver", *pt.extra]:
         a, b = ia.get(roi, {}).get("suvmean", math.nan), iv.get(roi, {}).get("suvmean", math.nan)
-        organ_rows.append({"region": roi, "suvmean_ia": a, "suvmean_iv": b, "ratio_ia_iv": a / b if b else math.nan})
-    flags = [f"registration:{s}" for s in qc.get("failed_sessions", [])]
-    if ia and iv and not er.empty:
-        elig = eligibility(er, statistic=statistic, threshold=threshold, max_lesions=max_lesions, qc_flags=flags,
-                           lesions=lesions)
+        rows.append({"region": roi, "suvmean_ia": a, "suvmean_iv": b,
+                     "suvmax_ia": ia.get(roi, {}).get("suvmax", math.nan),
+                     "suvmax_iv": iv.get(roi, {}).get("suvmax", math.nan),
+                     "ratio_ia_iv": a / b if (b and math.isfinite(b) and b > 0) else math.nan})
+    return pd.DataFrame(rows, columns=["region", "suvmean_ia", "suvmean_iv", "suvmax_ia", "suvmax_iv",
+                                       "ratio_ia_iv"])
+
+
+# ----------------------------------------------------------------------------------------- SPECT
+
+def _spect_part(pt: _Patient, s: QuantifySettings, lobes: Mapping[str, tuple[str, float]], design: str,
+                treated: str | None, notes: list[str]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    regions = [*pt.lesions, *pt.extra, *ORGANS, "liver", "liver_left", "liver_right", "healthy_liver",
+               "healthy_liver_left", "healthy_liver_right"]
+    cycle_rows: list[dict[str, Any]] = []
+    lobe_rows: list[dict[str, Any]] = []
+    lesion_rows: list[dict[str, Any]] = []
+    lobar = design == "lobar_ia"
+    spects = pt.spect_sessions()
+    if not spects:
+        notes.append("no SPECT session: lobes.tsv and cycles.tsv are empty")
+    for session, info in spects:
+        img = pt.image(session, "spect")
+        if img is None:
+            notes.append(f"{session}: listed but no SPECT image in the ingest output")
+            continue
+        conc, side = img
+        if session not in set(pt.mask_table.session):
+            notes.append(f"{session}: no propagated masks (registration failed or skipped): not quantified")
+            continue
+        means, _ = _session_masks(pt, session, s.liver_margin_mm)
+        a0 = float(side.get("injected_activity_bq") or math.nan)
+        hours = float(info.get("hours_pi") or side.get("hours_pi") or math.nan)
+        lam = math.log(2.0) / float(side["half_life_s"]) * 3600.0 if side.get("half_life_s") else math.nan
+        cycle, route = int(info.get("cycle") or 0), str(info.get("route") or "")
+        nominal = float(info.get("nominal_hours_pi") or round(hours))
+        per: dict[str, dict[str, float]] = {}
+        for roi in regions:
+            if roi not in means:
+                continue
+            st = _stats(conc, means[roi])
+            if st is None:
+                notes.append(f"{session} {roi}: outside the field of view (empty mask on this grid)")
+                continue
+            activity_mbq = st["integral"] / 1e6
+            pct = 100.0 * activity_mbq * 1e6 / a0 if a0 > 0 else math.nan
+            per[roi] = {**st, "activity_mbq": activity_mbq}
+            cycle_rows.append({"cycle": cycle, "route": route, "session": session, "hours_pi": hours,
+                               "nominal_hours_pi": nominal, "region": roi, "bqml_mean": st["mean"],
+                               "bqml_max": st["max"], "volume_ml": st["volume_ml"], "activity_mbq": activity_mbq,
+                               "pct_ia": pct, "pct_ia_decay_corrected": pct * math.exp(lam * hours),
+                               "injected_activity_mbq": a0 / 1e6})
+        if not lobar:
+            continue
+        kid = [per[k]["activity_mbq"] for k in ("kidney_left", "kidney_right") if k in per]
+        ext = [per[e]["activity_mbq"] for e in pt.extra if e in per]
+        kidneys_pct = 100.0 * sum(kid) * 1e6 / a0 if kid and a0 > 0 else math.nan
+        extra_pct = 100.0 * sum(ext) * 1e6 / a0 if ext and a0 > 0 else (0.0 if not pt.extra else math.nan)
+        healthy = {lobe: per[f"healthy_liver_{lobe}"]["mean"] for lobe in LOBES if f"healthy_liver_{lobe}" in per}
+        bad = [lobe for lobe, n in healthy.items() if not (math.isfinite(n) and n > 0)]
+        for lobe in bad:
+            notes.append(f"{session}: healthy liver of the {lobe} lobe has mean {healthy[lobe]:.4g} Bq/mL "
+                         "(zero or negative background): its T/N is undefined")
+            del healthy[lobe]
+        targets = [l for l in pt.lesions if l in lobes][: s.max_lesions]
+        usable = {l: lobes[l][0] for l in targets if l in per and lobes[l][0] in healthy}
+        lost = [l for l in targets if l not in per]
+        if lost:
+            notes.append(f"{session}: lesions {lost} outside the field of view, left out of T")
+        try:
+            res = lobe_tn({l: per[l]["mean"] for l in usable}, {l: per[l]["n_voxels"] for l in usable}, usable,
+                          healthy, treated if treated in healthy else None)
+        except QuantifyError as exc:
+            notes.append(f"{session}: lobe T/N not computed ({exc})")
+            continue
+        for n in res["notes"]:
+            notes.append(f"{session}: {n}")
+        for lobe in LOBES:
+            entry = res["lobes"].get(lobe)
+            role = ("treated" if lobe == treated else "control") if treated else ""
+            row = {"cycle": cycle, "session": session, "hours_pi": hours,
+                   "endpoint": bool(abs(nominal - s.tn_hours) < 1e-6), "route": route, "lobe": lobe,
+                   "role": role, "lesions": ",".join(entry["lesions"]) if entry else "",
+                   "t_bqml": entry["t"] if entry else math.nan, "n_bqml": entry["n"] if entry else math.nan,
+                   "tn": entry["tn"] if entry else math.nan,
+                   "tn_treated_over_control": res["treated_over_control"],
+                   "n_voxels_t": entry["t_voxels"] if entry else 0.0,
+                   "n_voxels_n": per.get(f"healthy_liver_{lobe}", {}).get("n_voxels", math.nan),
+                   "kidneys_pct_ia": kidneys_pct, "extrahepatic_pct_ia": extra_pct,
+                   "note": (entry or {}).get("note") or ("" if entry else (
+                       "healthy-liver background not positive: T/N undefined" if lobe in bad
+                       else f"no healthy_liver_{lobe} on this grid"))}
+            lobe_rows.append(row)
+            for les, tn in (entry["tn_per_lesion"] if entry else {}).items():
+                lesion_rows.append({"cycle": cycle, "session": session, "hours_pi": hours, "lobe": lobe,
+                                    "role": role, "lesion": les, "bqml_mean": per[les]["mean"], "tn": tn})
+    cycles = pd.DataFrame(cycle_rows, columns=["cycle", "route", "session", "hours_pi", "nominal_hours_pi",
+                                               "region", "bqml_mean", "bqml_max", "volume_ml", "activity_mbq",
+                                               "pct_ia", "pct_ia_decay_corrected", "injected_activity_mbq"])
+    lobe_table = pd.DataFrame(lobe_rows, columns=LOBE_COLUMNS).rename(
+        columns={"t_bqml": "t_bqml_per_ml", "n_bqml": "n_bqml_per_ml"})
+    lesion_table = pd.DataFrame(lesion_rows, columns=["cycle", "session", "hours_pi", "lobe", "role", "lesion",
+                                                      "bqml_mean", "tn"])
+    return cycles, lobe_table, lesion_table
+
+
+# ----------------------------------------------------------------------------------------- stage
+
+def quantify_patient(ingest_dir: str | Path, register_dir: str | Path, out_dir: str | Path,
+                     settings: QuantifySettings | None = None) -> dict[str, Any]:
+    """Compute every endpoint of one patient; return the content of ``eligibility.json``."""
+    s = settings or QuantifySettings()
+    pt = _Patient(Path(ingest_dir), Path(register_dir), s.mask_kind)
+    design = str(pt.sessions.get("design") or "")
+    treated = str(pt.sessions.get("treated_lobe") or "") or None
+    notes: list[str] = []
+    if design == "lobar_ia" and treated not in LOBES:
+        notes.append("lobar design without a treated lobe in the patient sheet: no treated/control comparison")
+        treated = None
+    lobes = _lesion_lobes(pt, s, notes)
+    stats = _pet_part(pt, s, notes)
+    ia, iv = stats.get("ia", {}), stats.get("iv", {})
+    er = enhancement_ratios({l: ia[l] for l in pt.lesions if l in ia}, {l: iv[l] for l in pt.lesions if l in iv})
+    lesion_table = _lesion_table(pt, stats, lobes, er, s)
+    # target lesions: the reader's order; in the lobar design only the treated lobe's (IA reaches those)
+    targets = [l for l in pt.lesions if not (design == "lobar_ia" and treated)
+               or lobes.get(l, ("", 0.0))[0] == treated]
+    flags = [f"registration:{x}" for x in pt.qc.get("failed_sessions", [])]
+    if ia and iv:
+        elig = eligibility(er, statistic=s.statistic, threshold=s.threshold, max_lesions=s.max_lesions,
+                           qc_flags=flags, lesions=[l for l in targets if l in er.index])
     else:
-        elig = {"statistic": statistic, "value": None, "threshold": threshold, "eligible": None,
-                "n_lesions": 0, "qc_flags": flags, "flagged": bool(flags)}
-    positive = [r["sstr_positive"] for r in rows if r["sstr_positive"] is not None]
+        elig = {"statistic": s.statistic, "value": None, "threshold": s.threshold, "eligible": None,
+                "n_lesions": 0, "lesions": [], "excluded_lesions": [], "qc_flags": flags + ["pet_session_missing"],
+                "flagged": True}
+    positive = [bool(v) for v in lesion_table.sstr_positive if v is not None and v == v]
+    tlr = {r.lesion: r.tlr_iv for r in lesion_table.itertuples() if math.isfinite(r.tlr_iv)}
+    retreat = retreatment_fraction(tlr, s.sstr_threshold, s.retreatment_required) if tlr else None
     elig.update({"sstr_positive_fraction": (sum(positive) / len(positive)) if positive else None,
-                 "mask_kind": mask_kind, "notes": notes, "prrtquant_version": __version__})
+                 "design": design, "treated_lobe": treated, "mask_kind": s.mask_kind,
+                 "registration_flagged": bool(pt.qc.get("flagged")),
+                 "prrtquant_version": __version__})
+    # liver-only disease check (NELMAS): extrahepatic uptake on the IV PET relative to healthy liver
+    liver_iv = iv.get("healthy_liver", {}).get("suvmean", math.nan)
+    extra_check = {e: {"suvmean_iv": iv.get(e, {}).get("suvmean", math.nan),
+                       "suvmax_iv": iv.get(e, {}).get("suvmax", math.nan),
+                       "ratio_to_healthy_liver_iv": (iv[e]["suvmean"] / liver_iv
+                                                     if e in iv and liver_iv > 0 else math.nan)}
+                   for e in pt.extra}
+    cycles, lobe_table, lobe_lesions = _spect_part(pt, s, lobes, design, treated, notes)
+    if design != "lobar_ia":
+        notes.append(f"design {design or 'unknown'}: no treated/control lobes, lobes.tsv is empty")
+    summary = {"patient": pt.sessions.get("patient"), "design": design, "treated_lobe": treated,
+               "settings": asdict(s), "eligibility": elig, "retreatment": retreat,
+               "liver_only_check": {"extrahepatic_regions": extra_check,
+                                    "extrahepatic_sstr_positive": sorted(
+                                        e for e, v in extra_check.items()
+                                        if math.isfinite(v["ratio_to_healthy_liver_iv"])
+                                        and v["ratio_to_healthy_liver_iv"] >= s.sstr_threshold)},
+               "notes": notes, "prrtquant_version": __version__}
+    elig["notes"] = notes
+    for n in notes:
+        log.warning("%s", n)
     with atomic_directory(out_dir) as tmp:
         lesion_table.to_csv(tmp / "lesions.tsv", sep="\t", index=False)
-        pd.DataFrame(organ_rows).to_csv(tmp / "organs.tsv", sep="\t", index=False)
-        (tmp / "eligibility.json").write_text(json.dumps(elig, indent=1, default=str))
+        _organ_table(pt, stats).to_csv(tmp / "organs.tsv", sep="\t", index=False)
+        (tmp / "eligibility.json").write_text(json.dumps(json_ready(elig), indent=1))
+        lobe_table.to_csv(tmp / "lobes.tsv", sep="\t", index=False)
+        lobe_lesions.to_csv(tmp / "lobe_lesions.tsv", sep="\t", index=False)
+        cycles.to_csv(tmp / "cycles.tsv", sep="\t", index=False)
+        (tmp / "quantify.json").write_text(json.dumps(json_ready(summary), indent=1))
     return elig
+

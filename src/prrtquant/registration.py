@@ -1438,6 +1438,27 @@ def _views(arr: Array, spacing: Sequence[float], ijk: Sequence[int]) -> list[tup
             ("sagittal", arr[::-1, :, i], sz / sy)]
 
 
+def _three_panels() -> tuple[Any, Any, Any]:
+    """A matplotlib (Agg) figure with three side-by-side panels: (pyplot, figure, axes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4.4))
+    return plt, fig, axes
+
+
+def _save_panels(plt: Any, fig: Any, path: str | Path, title: str) -> Path:
+    fig.suptitle(title)
+    fig.tight_layout()
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(p, dpi=80)
+    plt.close(fig)
+    return p
+
+
 def qc_overlay_png(fixed_ct: sitk.Image, moving_ct_resampled: sitk.Image, path: str | Path,
                    centre_mm: Sequence[float] | None = None, window: tuple[float, float] = (-200.0, 400.0),
                    checker_mm: float = 40.0, title: str | None = None) -> Path:
@@ -1464,11 +1485,6 @@ def qc_overlay_png(fixed_ct: sitk.Image, moving_ct_resampled: sitk.Image, path: 
     -------
     Path
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     f = np.clip(sitk.GetArrayFromImage(_float(fixed_ct)), *window)
     m = np.clip(sitk.GetArrayFromImage(_float(moving_ct_resampled)), *window)
     if f.shape != m.shape:
@@ -1479,18 +1495,12 @@ def qc_overlay_png(fixed_ct: sitk.Image, moving_ct_resampled: sitk.Image, path: 
              + np.floor(zz * sp[2] / checker_mm)).astype(int) % 2
     board = np.where(cells == 0, f, m)
     ijk = _centre_index(fixed_ct, centre_mm)
-    fig, axes = plt.subplots(1, 3, figsize=(12, 4.4))
+    plt, fig, axes = _three_panels()
     for ax, (name, sl, aspect) in zip(axes, _views(board, sp, ijk)):
         ax.imshow(sl, cmap="gray", vmin=window[0], vmax=window[1], aspect=aspect, interpolation="nearest")
         ax.set_title(name)
         ax.axis("off")
-    fig.suptitle(title or "CT/CT checkerboard (fixed | resampled moving)")
-    fig.tight_layout()
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(p, dpi=80)
-    plt.close(fig)
-    return p
+    return _save_panels(plt, fig, path, title or "CT/CT checkerboard (fixed | resampled moving)")
 
 
 def fusion_overlay_png(fixed_ct: sitk.Image, moving_resampled: sitk.Image, path: str | Path,
@@ -1521,11 +1531,6 @@ def fusion_overlay_png(fixed_ct: sitk.Image, moving_resampled: sitk.Image, path:
     -------
     Path
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     f = np.clip((sitk.GetArrayFromImage(_float(fixed_ct)) - window[0]) / (window[1] - window[0]), 0.0, 1.0)
     m = sitk.GetArrayFromImage(_float(moving_resampled))
     if f.shape != m.shape:
@@ -1534,18 +1539,12 @@ def fusion_overlay_png(fixed_ct: sitk.Image, moving_resampled: sitk.Image, path:
     m = np.clip(m / (hi if hi > 0 else 1.0), 0.0, 1.0)
     sp = fixed_ct.GetSpacing()
     ijk = _centre_index(fixed_ct, centre_mm)
-    fig, axes = plt.subplots(1, 3, figsize=(12, 4.4))
+    plt, fig, axes = _three_panels()
     for ax, (name, fs, aspect), (_, ms, _a) in zip(axes, _views(f, sp, ijk), _views(m, sp, ijk)):
         ax.imshow(np.stack([ms, fs, ms], axis=-1), aspect=aspect, interpolation="nearest")
         ax.set_title(name)
         ax.axis("off")
-    fig.suptitle(title or "fusion (CT green, other magenta)")
-    fig.tight_layout()
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(p, dpi=80)
-    plt.close(fig)
-    return p
+    return _save_panels(plt, fig, path, title or "fusion (CT green, other magenta)")
 
 
 def emission_overlay_png(emission: sitk.Image, masks: Mapping[str, sitk.Image],
@@ -1571,16 +1570,11 @@ def emission_overlay_png(emission: sitk.Image, masks: Mapping[str, sitk.Image],
     -------
     Path
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     em = sitk.GetArrayFromImage(_float(emission))
     sp = emission.GetSpacing()
     ijk = _centre_index(emission, centre_mm)
     vmax = float(np.percentile(em, 99.9)) if em.size else 1.0
-    fig, axes = plt.subplots(1, 3, figsize=(12, 4.4))
+    plt, fig, axes = _three_panels()
     colours = plt.get_cmap("tab10")
     views = _views(em, sp, ijk)
     for ax, (name, sl, aspect) in zip(axes, views):
@@ -1599,10 +1593,4 @@ def emission_overlay_png(emission: sitk.Image, masks: Mapping[str, sitk.Image],
         axes[0].plot([], [], color=colours(n % 10), label=roi)
     if masks:
         axes[0].legend(loc="lower left", fontsize=6, frameon=False)
-    fig.suptitle(title or "masks on emission")
-    fig.tight_layout()
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(p, dpi=80)
-    plt.close(fig)
-    return p
+    return _save_panels(plt, fig, path, title or "masks on emission")

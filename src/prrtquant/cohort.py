@@ -1,0 +1,242 @@
+"""Cohort outputs: every patient's tables stacked, eligibility count, the LUTIA paired comparison, plots.
+
+``cohort_summary(quantify_dirs, out_dir)`` reads each patient's ``quantify`` folder (a folder holding
+``FAILED.json`` instead marks a patient whose processing failed: listed, not used) and writes into
+``out_dir``:
+
+- ``lesions.tsv``, ``organs.tsv``, ``lobes.tsv``, ``lobe_lesions.tsv``, ``cycles.tsv`` and (from the
+  dosimetry folders) ``dosimetry.tsv``: stacked, with the patient pseudonym as first column;
+- ``eligibility.tsv``: one row per patient (decision, value, statistic, lesions, SSTR-positive fraction,
+  flags) and ``status`` (``ok``, ``flagged`` or ``failed`` with the reason);
+- ``lobar_comparison.tsv``: per therapy cycle, at the T/N endpoint time point (24 h), the paired
+  comparison of treated vs control lobe T/N across lobar-design patients
+  (:func:`prrtquant.quantify.paired_lobe_comparison`);
+- ``summary.json``: counts (patients, eligible, flagged, failed), the ER distribution per statistic, the
+  paired comparisons, the failed patients and why;
+- ``plots/er_distribution.png``, ``plots/lobar_tn_paired.png``, ``plots/uptake_by_route.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+
+from . import __version__
+from .io import atomic_path, json_ready, read_failure
+from .quantify import QuantifyError, paired_lobe_comparison
+
+log = logging.getLogger(__name__)
+
+TABLES = ("lesions", "organs", "lobes", "lobe_lesions", "cycles", "dosimetry")
+PLOTS = ("er_distribution", "lobar_tn_paired", "uptake_by_route")
+
+
+def _read(folder: Path, name: str) -> pd.DataFrame | None:
+    p = folder / f"{name}.tsv"
+    if not p.exists():
+        return None
+    return pd.read_csv(p, sep="\t")
+
+
+def _stack(frames: Mapping[str, pd.DataFrame | None]) -> pd.DataFrame:
+    parts = []
+    for patient, df in frames.items():
+        if df is None:
+            continue
+        df = df.copy()
+        df.insert(0, "patient", patient)
+        parts.append(df)
+    parts = [p for p in parts if not p.empty] or parts[:1]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["patient"])
+
+
+def _eligibility_row(patient: str, folder: Path) -> dict[str, Any]:
+    fail = read_failure(folder)
+    if fail is not None:
+        return {"patient": patient, "status": "failed", "reason": f"{fail.get('stage')}: {fail.get('error')}",
+                "design": None, "statistic": None, "value": math.nan, "threshold": math.nan, "eligible": None,
+                "n_lesions": 0, "lesions": "", "sstr_positive_fraction": math.nan, "qc_flags": ""}
+    e = json.loads((folder / "eligibility.json").read_text())
+    flags = list(e.get("qc_flags") or [])
+    return {"patient": patient, "status": "flagged" if e.get("flagged") else "ok", "reason": "",
+            "design": e.get("design"), "statistic": e.get("statistic"),
+            "value": math.nan if e.get("value") is None else float(e["value"]), "threshold": e.get("threshold"),
+            "eligible": e.get("eligible"), "n_lesions": e.get("n_lesions"), "lesions": ",".join(e.get("lesions") or []),
+            "sstr_positive_fraction": (math.nan if e.get("sstr_positive_fraction") is None
+                                       else e["sstr_positive_fraction"]),
+            "qc_flags": ";".join(flags)}
+
+
+def _endpoint_rows(lobes: pd.DataFrame) -> pd.DataFrame:
+    """Treated and control lobe rows at the T/N endpoint time point (``endpoint`` true)."""
+    return lobes[(lobes.endpoint.astype(str).str.lower() == "true") & lobes.role.isin(["treated", "control"])]
+
+
+def lobar_comparisons(lobes: pd.DataFrame) -> pd.DataFrame:
+    """Paired treated-vs-control T/N per cycle at the endpoint time point, across patients."""
+    cols = ["cycle", "n", "gmr", "ci_low", "ci_high", "mean_log_ratio", "sd_log_ratio", "t_statistic", "p_ttest",
+            "p_wilcoxon", "wilcoxon_method", "n_increase", "share_increase", "patients", "note"]
+    if lobes.empty or "endpoint" not in lobes:
+        return pd.DataFrame(columns=cols)
+    end = _endpoint_rows(lobes)
+    rows = []
+    for cycle, g in end.groupby("cycle"):
+        wide = g.pivot_table(index="patient", columns="role", values="tn", aggfunc="first")
+        if not {"treated", "control"} <= set(wide.columns):
+            continue
+        ok = wide.dropna()
+        ok = ok[(ok.treated > 0) & (ok.control > 0)]
+        left_out = sorted(set(wide.index) - set(ok.index))
+        note = f"left out (a lobe without T/N): {left_out}" if left_out else ""
+        if ok.empty:
+            rows.append({"cycle": cycle, "n": 0, "patients": "", "note": note or "no complete pair"})
+            continue
+        try:
+            r = paired_lobe_comparison(ok.treated.to_list(), ok.control.to_list())
+        except QuantifyError as exc:
+            rows.append({"cycle": cycle, "n": len(ok), "patients": ",".join(ok.index), "note": str(exc)})
+            continue
+        notes = "; ".join([*r.pop("notes"), *([note] if note else [])])
+        r.pop("confidence", None)
+        rows.append({"cycle": cycle, **r, "patients": ",".join(ok.index), "note": notes})
+    return pd.DataFrame(rows, columns=cols)
+
+
+def _plots(out: Path, lesions: pd.DataFrame, lobes: pd.DataFrame, cycles: pd.DataFrame, statistic: str,
+           threshold: float) -> None:
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots = out / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    # per-lesion ER distribution, one box per patient
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if not lesions.empty and statistic in lesions:
+        groups = [(p, g[statistic].dropna().to_numpy()) for p, g in lesions.groupby("patient")]
+        groups = [(p, v) for p, v in groups if v.size]
+        if groups:
+            ax.boxplot([v for _, v in groups], tick_labels=[p for p, _ in groups])
+            for i, (_, v) in enumerate(groups, start=1):
+                ax.plot(np.full(v.size, i) + np.linspace(-0.08, 0.08, v.size), v, "o", ms=4, alpha=0.7)
+    ax.axhline(threshold, color="tab:red", ls="--", lw=1, label=f"threshold {threshold:g}")
+    ax.set_ylabel(f"per-lesion {statistic} (IA / IV)")
+    ax.set_title("Enhancement ratio per lesion")
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    with atomic_path(plots / "er_distribution.png") as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    # paired lines treated vs control T/N at the endpoint of every cycle
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if not lobes.empty and "endpoint" in lobes:
+        end = _endpoint_rows(lobes)
+        for (patient, cycle), g in end.groupby(["patient", "cycle"]):
+            v = g.set_index("role").tn
+            if {"treated", "control"} <= set(v.index) and v.notna().all():
+                ax.plot([0, 1], [v["control"], v["treated"]], "o-", label=f"{patient} c{cycle}")
+        if ax.lines:
+            ax.legend(fontsize=7, loc="best")
+    ax.set_xticks([0, 1], ["control lobe", "treated lobe"])
+    ax.set_xlim(-0.3, 1.3)
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.set_ylabel("T/N (24 h SPECT)")
+    ax.set_title("Lobar T/N, paired per patient and cycle")
+    fig.tight_layout()
+    with atomic_path(plots / "lobar_tn_paired.png") as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    # lesion and kidney uptake (% injected activity) at 24 h by cycle route
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if not cycles.empty:
+        c = cycles[(cycles.nominal_hours_pi.round() == 24)]
+        data, labels = [], []
+        for kind, sel in (("lesions", c.region.str.startswith("lesion_")),
+                          ("kidneys", c.region.isin(["kidney_left", "kidney_right"]))):
+            for route in ("IA", "IV"):
+                v = c[sel & (c.route == route)].pct_ia.dropna().to_numpy()
+                if v.size:
+                    data.append(v)
+                    labels.append(f"{kind}\n{route} cycles")
+        if data:
+            ax.boxplot(data, tick_labels=labels)
+    ax.set_ylabel("% of injected activity (24 h)")
+    ax.set_title("SPECT uptake by cycle route")
+    fig.tight_layout()
+    with atomic_path(plots / "uptake_by_route.png") as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+
+
+def cohort_summary(quantify_dirs: Mapping[str, str | Path], out_dir: str | Path,
+                   failures: Mapping[str, str] | None = None,
+                   dosimetry_dirs: Mapping[str, str | Path] | None = None) -> dict[str, Any]:
+    """Write the cohort outputs (see module docstring) and return ``summary.json``'s content.
+
+    ``failures`` adds patients that have no quantify folder at all (patient → reason); ``dosimetry_dirs``
+    adds each patient's dosimetry folder (``dosimetry.tsv`` is stacked; a failed dosimetry is listed).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    folders = {p: Path(d) for p, d in quantify_dirs.items()}
+    ok = {p: f for p, f in folders.items() if read_failure(f) is None}
+    dos = {p: Path(d) for p, d in (dosimetry_dirs or {}).items()}
+    elig_rows = [_eligibility_row(p, f) for p, f in folders.items()]
+    for row in elig_rows:
+        fail = read_failure(dos[row["patient"]]) if row["patient"] in dos else None
+        if fail is not None and row["status"] != "failed":
+            row["reason"] = f"dosimetry failed: {fail.get('stage')}: {fail.get('error')}"
+    for p, why in (failures or {}).items():
+        elig_rows.append({"patient": p, "status": "failed", "reason": why})
+    elig = pd.DataFrame(elig_rows)
+    stacked = {name: _stack({p: _read(f, name) for p, f in ok.items()}) for name in TABLES if name != "dosimetry"}
+    stacked["dosimetry"] = _stack({p: _read(d, "dosimetry") for p, d in dos.items() if read_failure(d) is None})
+    comparisons = lobar_comparisons(stacked["lobes"])
+    statistic, threshold = "er_max", 3.0
+    for f in ok.values():
+        e = json.loads((f / "eligibility.json").read_text())
+        statistic, threshold = e.get("statistic", statistic), float(e.get("threshold", threshold))
+        break
+    les = stacked["lesions"]
+    dist = {}
+    for k in ("er_mean", "er_max", "er_peak"):
+        v = les[k].dropna().to_numpy(dtype=float) if k in les else np.array([])
+        dist[k] = ({"n": int(v.size), "median": float(np.median(v)), "q1": float(np.percentile(v, 25)),
+                    "q3": float(np.percentile(v, 75)), "min": float(v.min()), "max": float(v.max())}
+                   if v.size else {"n": 0})
+    failed = elig[elig.status == "failed"] if "status" in elig else elig.iloc[0:0]
+    summary = {
+        "n_patients": len(elig), "n_evaluated": int((elig.status != "failed").sum()) if len(elig) else 0,
+        "n_eligible": int((elig.get("eligible") == True).sum()) if len(elig) else 0,  # noqa: E712
+        "n_flagged": int((elig.status == "flagged").sum()) if len(elig) else 0,
+        "failed": {r.patient: r.reason for r in failed.itertuples()},
+        "dosimetry_failed": {r.patient: r.reason for r in elig.itertuples()
+                             if isinstance(r.reason, str) and r.reason.startswith("dosimetry failed")},
+        "statistic": statistic, "threshold": threshold, "er_distribution": dist,
+        "lobar_comparison": comparisons.replace({np.nan: None}).to_dict(orient="records"),
+        "prrtquant_version": __version__,
+    }
+    for name, df in stacked.items():
+        with atomic_path(out / f"{name}.tsv") as tmp:
+            df.to_csv(tmp, sep="\t", index=False)
+    with atomic_path(out / "eligibility.tsv") as tmp:
+        elig.to_csv(tmp, sep="\t", index=False)
+    with atomic_path(out / "lobar_comparison.tsv") as tmp:
+        comparisons.to_csv(tmp, sep="\t", index=False)
+    _plots(out, les, stacked["lobes"], stacked["cycles"], statistic, threshold)
+    with atomic_path(out / "summary.json") as tmp:
+        tmp.write_text(json.dumps(json_ready(summary), indent=1))
+    log.info("cohort: %d patients, %d eligible, %d flagged, %d failed", summary["n_patients"],
+             summary["n_eligible"], summary["n_flagged"], len(summary["failed"]))
+    return summary
+
