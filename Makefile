@@ -20,13 +20,13 @@ $(STAMP): pyproject.toml envs/constraints.txt
 	@touch $@
 
 run: $(STAMP)
-	$(BIN)/snakemake --cores $(CORES) --configfile config.yaml
+	$(BIN)/snakemake --workflow-profile workflow/profiles/default --cores $(CORES) --configfile config.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/snakemake --lint --configfile config.yaml
+	$(BIN)/snakemake --workflow-profile workflow/profiles/default --lint --configfile config.yaml
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py

@@ -16,6 +16,7 @@ include: "workflow/rules/index.smk"
 include: "workflow/rules/ingest.smk"
 include: "workflow/rules/register.smk"
 include: "workflow/rules/quantify.smk"
+include: "workflow/rules/dosimetry.smk"
 include: "workflow/rules/cohort.smk"
 
 

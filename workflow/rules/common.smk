@@ -1,4 +1,5 @@
 # Configuration and sample sheet validation, wildcard constraints and input functions.
+import os
 import pandas as pd
 from snakemake.utils import validate
 
@@ -23,7 +24,12 @@ def dicom_dir(wildcards):
     return str(SHEET_DIR / PATIENTS.loc[wildcards.patient, "dicom_dir"])
 
 
+COHORT_TABLES = ["lesions", "organs", "lobes", "lobe_lesions", "cycles", "dosimetry", "eligibility", "lobar_comparison"]
+
+
 def all_targets():
-    return [f"{RESULTS}/cohort/series.tsv", f"{RESULTS}/cohort/inventory.tsv"] + expand(
-        f"{RESULTS}/{{patient}}/quantify", patient=PATIENTS.index
-    )
+    return [
+        f"{RESULTS}/cohort/series.tsv",
+        f"{RESULTS}/cohort/inventory.tsv",
+        f"{RESULTS}/cohort/summary.json",
+    ] + expand(f"{RESULTS}/{{patient}}/{{stage}}", patient=PATIENTS.index, stage=["quantify", "dosimetry"])

@@ -7,6 +7,7 @@ rule ingest:
         directory(f"{RESULTS}/{{patient}}/ingest"),
     params:
         config_file=lambda wildcards: workflow.configfiles[-1] if workflow.configfiles else "",
+        on_error=config["on_patient_error"],
     log:
         f"{RESULTS}/logs/ingest/{{patient}}.log",
     benchmark:

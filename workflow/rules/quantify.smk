@@ -1,12 +1,19 @@
-rule quantify_pet:
-    """PET endpoints (Bordeaux design): per-lesion uptake and ER, eligibility, organs at risk."""
+rule quantify:
+    """Every endpoint of one patient: lesion ER and eligibility, organs, lobe T/N per SPECT time point, cycles."""
     input:
         ingest=f"{RESULTS}/{{patient}}/ingest",
         register=f"{RESULTS}/{{patient}}/register",
     output:
-        directory(f"{RESULTS}/{{patient}}/quantify"),
+        report(
+            directory(f"{RESULTS}/{{patient}}/quantify"),
+            patterns=["{name}.tsv"],
+            caption="../report/patient_tables.rst",
+            category="Endpoints",
+            subcategory="{patient}",
+        ),
     params:
         config_file=lambda wildcards: workflow.configfiles[-1] if workflow.configfiles else "",
+        on_error=config["on_patient_error"],
     log:
         f"{RESULTS}/logs/quantify/{{patient}}.log",
     benchmark:

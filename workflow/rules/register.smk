@@ -3,9 +3,16 @@ rule register:
     input:
         ingest=f"{RESULTS}/{{patient}}/ingest",
     output:
-        directory(f"{RESULTS}/{{patient}}/register"),
+        report(
+            directory(f"{RESULTS}/{{patient}}/register"),
+            patterns=["qc/{name}.png"],
+            caption="../report/registration_qc.rst",
+            category="Registration QC",
+            subcategory="{patient}",
+        ),
     params:
         config_file=lambda wildcards: workflow.configfiles[-1] if workflow.configfiles else "",
+        on_error=config["on_patient_error"],
     log:
         f"{RESULTS}/logs/register/{{patient}}.log",
     benchmark:

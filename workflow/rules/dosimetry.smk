@@ -1,0 +1,27 @@
+rule dosimetry:
+    """177Lu SPECT dosimetry: TACs, fits (AICc), TIA, residence time, dose (local, kernel, S-value), BED, limits."""
+    input:
+        ingest=f"{RESULTS}/{{patient}}/ingest",
+        register=f"{RESULTS}/{{patient}}/register",
+    output:
+        report(
+            directory(f"{RESULTS}/{{patient}}/dosimetry"),
+            patterns=["tac/{name}.png"],
+            caption="../report/dosimetry.rst",
+            category="Dosimetry",
+            subcategory="{patient}",
+        ),
+    params:
+        config_file=lambda wildcards: workflow.configfiles[-1] if workflow.configfiles else "",
+        on_error=config["on_patient_error"],
+    log:
+        f"{RESULTS}/logs/dosimetry/{{patient}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/dosimetry/{{patient}}.tsv"
+    conda:
+        "../../envs/prrtquant.yaml"
+    threads: 2
+    resources:
+        mem_mb=3000,
+    script:
+        "../../scripts/dosimetry.py"
