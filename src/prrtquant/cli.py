@@ -112,16 +112,24 @@ def _cmd_dosimetry(args: argparse.Namespace) -> int:
     return 0
 
 
+def _patient_paths(specs: Sequence[str], option: str) -> dict[str, Path]:
+    """``PATIENT=PATH`` arguments of a repeated option, in order."""
+    out: dict[str, Path] = {}
+    for spec in specs:
+        patient, _, path = spec.partition("=")
+        if not patient or not path:
+            raise ValueError(f"{option} {spec!r}: expected PATIENT=PATH")
+        out[patient] = Path(path)
+    return out
+
+
 def _cmd_stack(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from .io import atomic_path, read_failure
 
     frames = []
-    for spec in args.table:
-        patient, _, path = spec.partition("=")
-        if not path:
-            raise ValueError(f"--table {spec!r}: expected PATIENT=PATH")
+    for patient, path in _patient_paths(args.table, "--table").items():
         if read_failure(Path(path).parent) is not None:
             log.warning("%s: %s failed earlier, left out of the stack", patient, path)
             continue
@@ -138,19 +146,8 @@ def _cmd_stack(args: argparse.Namespace) -> int:
 def _cmd_cohort(args: argparse.Namespace) -> int:
     from .cohort import cohort_summary
 
-    dirs = {}
-    for spec in args.quantify:
-        patient, _, path = spec.partition("=")
-        if not path:
-            raise ValueError(f"--quantify {spec!r}: expected PATIENT=PATH")
-        dirs[patient] = Path(path)
-    dos = {}
-    for spec in args.dosimetry:
-        patient, _, path = spec.partition("=")
-        if not path:
-            raise ValueError(f"--dosimetry {spec!r}: expected PATIENT=PATH")
-        dos[patient] = Path(path)
-    cohort_summary(dirs, args.out, dosimetry_dirs=dos)
+    cohort_summary(_patient_paths(args.quantify, "--quantify"), args.out,
+                   dosimetry_dirs=_patient_paths(args.dosimetry, "--dosimetry"))
     return 0
 
 
