@@ -38,6 +38,7 @@ from scipy import ndimage, signal, stats
 
 __all__ = [
     "QuantifyError",
+    "EmptyRegionError",
     "check_same_grid",
     "region_stats",
     "sphere_radius_mm",
@@ -70,6 +71,10 @@ _PEAK_REFINE_WORK = 5e6
 
 class QuantifyError(ValueError):
     """Inputs that cannot be quantified as asked (grid mismatch, empty mask, invalid numbers)."""
+
+
+class EmptyRegionError(QuantifyError):
+    """A mask with no voxel in the image's field of view (e.g. a lesion outside a PET's axial coverage)."""
 
 
 # --------------------------------------------------------------------------- grids and masks
@@ -189,7 +194,7 @@ def region_stats(image: sitk.Image, mask: sitk.Image) -> dict[str, float]:
     wsum = float(w_in.sum())
     if wsum <= 0.0:
         where = "is empty" if total <= 0.0 else "lies entirely outside the image's field of view (NaN voxels)"
-        raise QuantifyError(f"mask {where}: no voxel with weight > 0 in the image's field of view "
+        raise EmptyRegionError(f"mask {where}: no voxel with weight > 0 in the image's field of view "
                             f"(image {_grid_text(image)})")
     sel = w_in > 0.0
     xs, ws = x[sel], w_in[sel]
@@ -303,7 +308,7 @@ def suv_peak(image: sitk.Image, mask: sitk.Image, volume_ml: float = 1.0,
     valid = np.isfinite(x)
     cand = (w > 0.0) & valid
     if not cand.any():
-        raise QuantifyError(f"mask is empty in the image's field of view: no candidate centre for SUVpeak "
+        raise EmptyRegionError(f"mask is empty in the image's field of view: no candidate centre for SUVpeak "
                             f"(image {_grid_text(image)})")
     kernel = _sphere_kernel(image, radius, subsamples)
     half = np.asarray(kernel.shape) // 2  # (z, y, x)

@@ -37,6 +37,7 @@ import SimpleITK as sitk
 from . import __version__
 from .io import atomic_directory, json_ready
 from .quantify import (
+    EmptyRegionError,
     QuantifyError,
     assign_lobe,
     eligibility,
@@ -152,9 +153,10 @@ def _session_masks(pt: _Patient, session: str, margin_mm: float) -> tuple[dict[s
 
 
 def _stats(image: sitk.Image, mask: sitk.Image) -> dict[str, float] | None:
+    """Region statistics, or None when the mask has no voxel in this image's field of view."""
     try:
         return region_stats(image, mask)
-    except ValueError:
+    except EmptyRegionError:
         return None
 
 
@@ -180,7 +182,8 @@ def _pet_part(pt: _Patient, s: QuantifySettings, notes: list[str]) -> dict[str, 
                 continue
             try:
                 peak, _ = suv_peak(suv, binary[roi])
-            except ValueError:
+            except EmptyRegionError:  # partial-volume weights but no voxel centre inside
+                notes.append(f"{session} {roi}: no binary voxel in the field of view: SUVpeak missing")
                 peak = math.nan
             per[roi] = {"suvmean": st["mean"], "suvmax": st["max"], "suvpeak": peak,
                         "bqml_mean": sb["mean"] if sb else math.nan}
