@@ -48,6 +48,7 @@ from .registration import (
     emission_overlay_png,
     emission_to_reference,
     fusion_overlay_png,
+    mask_distance,
     propagate_mask,
     qc_overlay_png,
     register_ct,
@@ -142,14 +143,18 @@ def register_patient(ingest_dir: str | Path, out_dir: str | Path, settings: Regi
         rows: list[dict[str, Any]] = []
         kinds = ("binary", "fractional") if fractional else ("binary",)
 
+        distances: dict[int, sitk.Image | None] = {}  # drawn masks live as long as the stage: ids are unique
+
         def carry(session: str, role: str, image_path: str, target: sitk.Image, drawn: dict[str, sitk.Image],
                   t: sitk.Transform | None, prefix: str, mask_session: str) -> dict[str, sitk.Image]:
             """Propagate ``drawn`` onto ``target`` (one resampling each), write them, list them in ``rows``."""
             binary: dict[str, sitk.Image] = {}
             for roi0, m in drawn.items():
                 roi = prefix + roi0
+                if id(m) not in distances:  # one distance map per drawn mask, reused for every grid
+                    distances[id(m)] = mask_distance(m)
                 for kind in kinds:
-                    img = propagate_mask(m, t, target, fractional=(kind == "fractional"))
+                    img = propagate_mask(m, t, target, fractional=(kind == "fractional"), distance=distances[id(m)])
                     rel = Path(session) / "masks" / kind / f"{roi}.nii.gz"
                     (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                     sitk.WriteImage(img, str(tmp / rel), useCompression=True)

@@ -1311,9 +1311,16 @@ def _crop_to_mask(mask: sitk.Image, margin_vox: int = 3) -> sitk.Image | None:
     return sitk.RegionOfInterest(mask, size, [int(v) for v in lo[::-1]])
 
 
+def mask_distance(mask: sitk.Image) -> sitk.Image | None:
+    """The signed distance map :func:`propagate_mask` samples (on the mask's bounding box plus a margin),
+    or None for an empty mask. Compute it once per mask when carrying it onto several grids."""
+    roi = _crop_to_mask(mask)
+    return None if roi is None else signed_distance(roi)
+
+
 def propagate_mask(mask: sitk.Image, transform: sitk.Transform | None, target: sitk.Image,
                    fractional: bool = False, supersample: int = 4,
-                   smooth_subsamples: bool = True) -> sitk.Image:
+                   smooth_subsamples: bool = True, distance: sitk.Image | None = None) -> sitk.Image:
     """Carry a mask drawn on the reference grid onto a target (emission) grid in one resampling.
 
     Parameters
@@ -1333,6 +1340,8 @@ def propagate_mask(mask: sitk.Image, transform: sitk.Transform | None, target: s
     supersample
         Sub-cells per axis of the fractional mode (4: an even count puts no sub-point on a voxel
         centre of either grid, where the interpolated distance takes few distinct values).
+    distance
+        ``mask_distance(mask)`` when already computed (reused for every target grid); None: computed here.
     smooth_subsamples
         Occupancy of a sub-cell = clip(1/2 − φ/h, 0, 1) (φ the signed distance at its centre, h the
         sub-cell size: exact for a plane parallel to a face) instead of 0/1 by the sign of φ. On
@@ -1361,12 +1370,11 @@ def propagate_mask(mask: sitk.Image, transform: sitk.Transform | None, target: s
     """
     grid = Grid.of(target)
     tr = transform if transform is not None else sitk.Transform(3, sitk.sitkIdentity)
-    roi = _crop_to_mask(mask)
-    if roi is None:
+    sdf = distance if distance is not None else mask_distance(mask)
+    if sdf is None:
         out = sitk.Image(target.GetSize(), sitk.sitkFloat32 if fractional else sitk.sitkUInt8)
         out.CopyInformation(target)
         return out
-    sdf = signed_distance(roi)
     outside = 1.0e4
     phi = sitk.Resample(sdf, target, tr, sitk.sitkLinear, outside, sitk.sitkFloat32)
     phi_a = sitk.GetArrayFromImage(phi)
