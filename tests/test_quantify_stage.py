@@ -324,3 +324,32 @@ def test_bad_input_is_recorded_and_passed_on(tmp_path):
     assert json.loads((tmp_path / "quantify" / "FAILED.json").read_text())["upstream"] is True
     s = cohort_summary({"P02": tmp_path / "quantify"}, tmp_path / "cohort")
     assert s["n_eligible"] == 0 and victim.name in s["failed"]["P02"]
+
+
+@pytest.mark.parametrize("seed, mean_er", [(21, 3.15), (22, 2.9)])
+def test_eligibility_right_close_to_the_threshold(tmp_path, seed, mean_er):
+    """A generated patient whose mean ER sits within 0.2 of 3.0 (one just above, one just below): the decision
+    through ingest -> registration -> quantification is truth's, the value within 0.5 % of the reference.
+    One SPECT time point and the PET sessions only are registered (the rest does not enter the decision)."""
+    from prrtquant.phantom.generator import generate_patient
+
+    truth = generate_patient(tmp_path / "patient", design="whole_liver_ia", size="tiny", seed=seed,
+                             mean_er=mean_er, spect_time_points=((24.0,),))
+    er = truth["enhancement_ratio"]
+    ref = er["reference_patient_suvmax"]
+    assert abs(ref["mean"] - 3.0) < 0.2 and ref["eligible"] == er["true_patient"]["eligible"], er
+    sheet = json.loads((tmp_path / "patient" / "sheet.json").read_text())
+    rows = pd.DataFrame([{"patient": "NEAR", "dicom_dir": str(tmp_path / "patient" / "DICOM"),
+                          "design": sheet["design"], "ia_pet_study_instance_uid": sheet["ia_pet_study_instance_uid"],
+                          "treated_lobe": "", "camera_cps_per_mbq": str(sheet["camera_cps_per_mbq"]),
+                          "weight_kg": ""}])
+    rows.to_csv(tmp_path / "patients.tsv", sep="\t", index=False)
+    assert main(["ingest", str(tmp_path / "patient" / "DICOM"), "--out", str(tmp_path / "ingest"), "--patient",
+                 "NEAR", "--sheet", str(tmp_path / "patients.tsv")]) == 0
+    inv_path = tmp_path / "ingest" / "inventory.tsv"
+    inv = pd.read_csv(inv_path, sep="\t", dtype=str, keep_default_na=False)
+    inv[inv.session.isin(["pet_iv", "pet_ia"])].to_csv(inv_path, sep="\t", index=False)
+    assert main(["register", str(tmp_path / "ingest"), "--out", str(tmp_path / "register")]) == 0
+    elig, _ = _run(tmp_path)
+    assert elig["eligible"] == ref["eligible"], (elig["value"], ref)
+    assert elig["value"] == pytest.approx(ref["mean"], rel=5e-3)
