@@ -50,7 +50,8 @@ def index_dicom(root: str | Path) -> IndexResult:
             except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
                 problem = f"unreadable header ({exc})"
             if problem:
-                unreadable.append({"n_files": 1, "first_file": rel, "note": f"{problem}: not a usable DICOM file"})
+                unreadable.append({**{c: "" for c in SERIES_COLUMNS}, "n_files": 1, "first_file": rel,
+                                   "note": f"{problem}: not a usable DICOM file"})
                 continue
             row = rows.get(uid)
             if row is None:
@@ -73,6 +74,6 @@ def index_dicom(root: str | Path) -> IndexResult:
                     row["first_file"] = rel
     df = pd.DataFrame(list(rows.values()), columns=SERIES_COLUMNS)
     df = df.sort_values(["series_date", "series_time", "modality"])
-    bad = pd.DataFrame(unreadable, columns=SERIES_COLUMNS).fillna("").astype({"n_files": int})
+    bad = pd.DataFrame(unreadable, columns=SERIES_COLUMNS)
     df = pd.concat([df, bad.sort_values("first_file")], ignore_index=True) if len(bad) else df.reset_index(drop=True)
     return IndexResult(series=df, non_dicom=sorted(non_dicom))
