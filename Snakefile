@@ -18,6 +18,7 @@ include: "workflow/rules/register.smk"
 include: "workflow/rules/quantify.smk"
 include: "workflow/rules/dosimetry.smk"
 include: "workflow/rules/cohort.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:

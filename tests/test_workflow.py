@@ -120,6 +120,11 @@ def test_workflow_runs_on_bundled_cohort(tmp_path):
     assert list(summary["failed"]) == ["P04"] and "ingest" in summary["failed"]["P04"]
     elig = pd.read_csv(results / "cohort" / "eligibility.tsv", sep="\t").set_index("patient")
     assert elig.loc["P04", "status"] == "failed" and (elig.loc[COHORT, "status"] == "ok").all()
+    qc = pd.read_csv(results / "cohort" / "registration_qc.tsv", sep="\t", keep_default_na=False)
+    for p in COHORT:  # every non-reference session (and P03's MR) registered, all passed
+        rows = qc[qc.patient == p]
+        assert set(rows.session) == set(load_truth(p)["sessions"]) - {"pet_iv"} and rows.passed.all(), p
+    assert list(qc[qc.patient == "P04"].reasons.str.startswith("not run: ingest failed")) == [True]
     dos = pd.read_csv(results / "cohort" / "dosimetry.tsv", sep="\t")
     assert sorted(dos.patient.unique()) == COHORT
     # the report: QC overlays, tables, TAC and cohort plots, with the failed patient listed
@@ -127,7 +132,8 @@ def test_workflow_runs_on_bundled_cohort(tmp_path):
                          text=True, timeout=600)
     assert rep.returncode == 0, rep.stderr[-3000:]
     html = (tmp_path / "report.html").read_text(errors="ignore")
-    for needle in ("Registration QC", "Endpoints", "Dosimetry", "Cohort", "lobar_tn_paired", "lesions.tsv"):
+    for needle in ("Registration QC", "Endpoints", "Dosimetry", "Cohort", "lobar_tn_paired", "lesions.tsv",
+                   "registration_qc.tsv"):
         assert needle in html, needle
     # no identifier in any output, log or the report (compressed NIfTI are checked in test_ingest)
     for p in COHORT:

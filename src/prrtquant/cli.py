@@ -151,6 +151,19 @@ def _cmd_cohort(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_qc(args: argparse.Namespace) -> int:
+    from .cohort import registration_qc_table
+    from .io import atomic_path
+
+    table = registration_qc_table(_patient_paths(args.register, "--register"))
+    with atomic_path(args.out) as tmp:
+        table.to_csv(tmp, sep="\t", index=False)
+    failed = table[~table.passed.astype(bool)]
+    log.info("%d registrations, %d failed QC%s", len(table), len(failed),
+             (": " + ", ".join(f"{r.patient} {r.session}" for r in failed.itertuples())) if len(failed) else "")
+    return 0
+
+
 def _get_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -248,6 +261,14 @@ def _get_parser() -> argparse.ArgumentParser:
                     help="a patient's dosimetry folder (repeat per patient; dosimetry.tsv is stacked)")
     co.add_argument("--out", required=True, type=Path, help="cohort folder (e.g. results/cohort)")
     co.set_defaults(func=_cmd_cohort)
+
+    qc = sub.add_parser("qc", parents=[common], help="one table of every patient's registration QC",
+                        description="One row per patient and registration: metric, inverse consistency, body "
+                                    "Dice, passed, reasons (a patient whose registration did not run is listed).")
+    qc.add_argument("--register", action="append", default=[], metavar="PATIENT=DIR",
+                    help="a patient's register folder (repeat per patient)")
+    qc.add_argument("--out", required=True, type=Path)
+    qc.set_defaults(func=_cmd_qc)
 
     sk = sub.add_parser("stack", parents=[common], help="stack per-patient tables into a cohort table")
     sk.add_argument("--table", action="append", default=[], metavar="PATIENT=PATH", help="repeat per patient")

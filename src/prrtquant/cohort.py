@@ -240,3 +240,30 @@ def cohort_summary(quantify_dirs: Mapping[str, str | Path], out_dir: str | Path,
              summary["n_eligible"], summary["n_flagged"], len(summary["failed"]))
     return summary
 
+
+
+def registration_qc_table(register_dirs: Mapping[str, str | Path]) -> pd.DataFrame:
+    """One row per patient and registration (session CT, MR, or an emission with its own frame of reference):
+    metric, inverse consistency (mm), body Dice, passed and the reasons; a patient whose registration stage
+    did not run (failed earlier) is one row with ``passed`` false and the failure."""
+    rows: list[dict[str, Any]] = []
+    for patient, folder in register_dirs.items():
+        fail = read_failure(folder)
+        if fail is not None:
+            rows.append({"patient": patient, "session": "", "registration": "", "passed": False,
+                         "reasons": f"not run: {fail.get('stage')} failed: {fail.get('error')}"})
+            continue
+        qc = json.loads((Path(folder) / "qc.json").read_text())
+        for session, q in qc.get("sessions", {}).items():
+            entries = [("ct_to_reference" if q.get("kind") is None else str(q["kind"]), q)]
+            if isinstance(q.get("emission"), dict):
+                entries.append(("emission_to_ct", q["emission"]))
+            for kind, e in entries:
+                rows.append({"patient": patient, "session": session, "registration": kind,
+                             "reference_session": qc.get("reference_session"), "metric": e.get("metric"),
+                             "inverse_consistency_mm": e.get("inverse_consistency_mm"),
+                             "body_dice": e.get("body_dice"), "passed": bool(e.get("passed", False)),
+                             "reasons": "; ".join(e.get("reasons") or [])})
+    cols = ["patient", "session", "registration", "reference_session", "metric", "inverse_consistency_mm",
+            "body_dice", "passed", "reasons"]
+    return pd.DataFrame(rows, columns=cols)
