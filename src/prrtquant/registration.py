@@ -303,6 +303,18 @@ def _fill_holes_axial(mask: Array) -> Array:
     return out
 
 
+def _body_outline(arr: Array, like: sitk.Image) -> sitk.Image:
+    """The largest connected component of a thresholded body, holes filled slice by slice, on ``like``'s grid."""
+    lab, n = ndimage.label(arr)
+    if n > 1:
+        sizes = ndimage.sum_labels(np.ones_like(lab, dtype=np.int32), lab, index=np.arange(1, n + 1))
+        arr = lab == (int(np.argmax(sizes)) + 1)
+    arr = _fill_holes_axial(arr)
+    out = sitk.GetImageFromArray(arr.astype(np.uint8))
+    out.CopyInformation(like)
+    return out
+
+
 def body_mask(ct: sitk.Image, threshold_hu: float = BODY_HU) -> sitk.Image:
     """Body outline of a CT: HU > ``threshold_hu``, largest 3-D component, holes filled per axial slice.
 
@@ -319,14 +331,7 @@ def body_mask(ct: sitk.Image, threshold_hu: float = BODY_HU) -> sitk.Image:
         uint8 mask on the CT's grid.
     """
     arr = sitk.GetArrayViewFromImage(ct) > threshold_hu
-    lab, n = ndimage.label(arr)
-    if n > 1:
-        sizes = ndimage.sum_labels(np.ones_like(lab, dtype=np.int32), lab, index=np.arange(1, n + 1))
-        arr = lab == (int(np.argmax(sizes)) + 1)
-    arr = _fill_holes_axial(arr)
-    out = sitk.GetImageFromArray(arr.astype(np.uint8))
-    out.CopyInformation(ct)
-    return out
+    return _body_outline(arr, ct)
 
 
 def _metric_mask(body: sitk.Image, radius_vox: int = 2) -> sitk.Image:
@@ -809,14 +814,7 @@ def intensity_body_mask(img: sitk.Image, fraction: float | None = None) -> sitk.
         cap = max(float(np.percentile(a, 90.0)), 1e-12)
         la = np.log1p(np.clip(a, 0.0, cap) / (1e-3 * p99))
         arr = la > _otsu(la.ravel())
-    lab, n = ndimage.label(arr)
-    if n > 1:
-        sizes = ndimage.sum_labels(np.ones_like(lab, dtype=np.int32), lab, index=np.arange(1, n + 1))
-        arr = lab == (int(np.argmax(sizes)) + 1)
-    arr = _fill_holes_axial(arr)
-    out = sitk.GetImageFromArray(arr.astype(np.uint8))
-    out.CopyInformation(img)
-    return out
+    return _body_outline(arr, img)
 
 
 def _otsu(values: Array, bins: int = 128) -> float:
