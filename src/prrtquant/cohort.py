@@ -108,6 +108,13 @@ def lobar_comparisons(lobes: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=cols)
 
 
+def _save_png(plt: Any, fig: Any, path: Path) -> None:
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+
+
 def _plots(out: Path, lesions: pd.DataFrame, lobes: pd.DataFrame, cycles: pd.DataFrame, statistic: str,
            threshold: float) -> None:
     import matplotlib
@@ -131,10 +138,7 @@ def _plots(out: Path, lesions: pd.DataFrame, lobes: pd.DataFrame, cycles: pd.Dat
     ax.set_ylabel(f"per-lesion {statistic} (IA / IV)")
     ax.set_title("Enhancement ratio per lesion")
     ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
-    with atomic_path(plots / "er_distribution.png") as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    _save_png(plt, fig, plots / "er_distribution.png")
     # paired lines treated vs control T/N at the endpoint of every cycle
     fig, ax = plt.subplots(figsize=(6, 4))
     if not lobes.empty and "endpoint" in lobes:
@@ -152,10 +156,7 @@ def _plots(out: Path, lesions: pd.DataFrame, lobes: pd.DataFrame, cycles: pd.Dat
     ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
     ax.set_ylabel("T/N (24 h SPECT)")
     ax.set_title("Lobar T/N, paired per patient and cycle")
-    fig.tight_layout()
-    with atomic_path(plots / "lobar_tn_paired.png") as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    _save_png(plt, fig, plots / "lobar_tn_paired.png")
     # lesion and kidney uptake (% injected activity) at 24 h by cycle route
     fig, ax = plt.subplots(figsize=(6, 4))
     if not cycles.empty:
@@ -172,10 +173,7 @@ def _plots(out: Path, lesions: pd.DataFrame, lobes: pd.DataFrame, cycles: pd.Dat
             ax.boxplot(data, tick_labels=labels)
     ax.set_ylabel("% of injected activity (24 h)")
     ax.set_title("SPECT uptake by cycle route")
-    fig.tight_layout()
-    with atomic_path(plots / "uptake_by_route.png") as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    _save_png(plt, fig, plots / "uptake_by_route.png")
 
 
 def cohort_summary(quantify_dirs: Mapping[str, str | Path], out_dir: str | Path,
