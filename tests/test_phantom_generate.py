@@ -158,3 +158,24 @@ def test_console_script_runs(tmp_path):
     exe = Path(__import__("sys").executable).parent / "prrtquant"
     r = subprocess.run([str(exe), "phantom", "--help"], capture_output=True, text=True, check=True)
     assert "--design" in r.stdout and "whole_liver_ia" in r.stdout
+
+
+def test_ct_slice_option_and_small_size_keep_the_field_of_view():
+    """``ct_slice_mm`` changes the CT's slice spacing only (same axial extent); ``small`` covers the tiny field
+    of view at clinical voxel sizes; nonsense is refused."""
+    from prrtquant.phantom.generator import SIZES, PhantomOptions, _size_spec
+
+    def extent(shape):
+        (n, sp) = shape
+        return np.asarray([(a - 1) * b for a, b in zip(n, sp)])
+
+    thin = _size_spec(PhantomOptions(ct_slice_mm=2.0))
+    assert thin.ct[1] == (5.0, 5.0, 2.0) and thin.ct[0][:2] == SIZES["tiny"].ct[0][:2]
+    np.testing.assert_allclose(extent(thin.ct), extent(SIZES["tiny"].ct))
+    assert thin.pet == SIZES["tiny"].pet and thin.spect == SIZES["tiny"].spect
+    assert _size_spec(PhantomOptions()) is SIZES["tiny"]
+    for kind in ("ct", "pet", "spect"):
+        np.testing.assert_allclose(extent(getattr(SIZES["small"], kind)), extent(getattr(SIZES["tiny"], kind)),
+                                   atol=6.5)
+    with pytest.raises(ValueError, match="ct_slice_mm"):
+        _size_spec(PhantomOptions(ct_slice_mm=0.0))

@@ -27,7 +27,8 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
         treated_lobe=args.treated_lobe, noise=args.noise, deformation=args.deformation,
         messy_names=args.messy_names, spect_format=args.spect_format,
         nm_negative_spacing=args.nm_negative_spacing, with_mr=args.mr, layout=args.layout,
-        camera_cps_per_mbq=args.camera_cps_per_mbq, emission_own_frame=args.emission_own_frame)
+        camera_cps_per_mbq=args.camera_cps_per_mbq, emission_own_frame=args.emission_own_frame,
+        ct_slice_mm=args.ct_slice_mm)
     er = truth["enhancement_ratio"]
     log.info("wrote %s: %s design, %d lesions, %d sessions; true mean ER %.2f (eligible: %s)",
              args.out, truth["design"], len(truth["lesions"]), len(truth["sessions"]),
@@ -180,7 +181,7 @@ def _get_parser() -> argparse.ArgumentParser:
                         description="Write one synthetic PRRT patient as DICOM, with truth.json and sheet.json.")
     ph.add_argument("--out", required=True, type=Path, help="output directory (must not exist or be empty)")
     ph.add_argument("--design", choices=["whole_liver_ia", "lobar_ia"], default="whole_liver_ia")
-    ph.add_argument("--size", choices=["tiny", "clinical"], default="tiny")
+    ph.add_argument("--size", choices=["tiny", "small", "clinical"], default="tiny")
     ph.add_argument("--seed", type=int, default=0)
     ph.add_argument("--pseudonym", help="patient pseudonym (default SYN<seed>)")
     ph.add_argument("--mean-er", type=float, help="true mean enhancement ratio of the IA-enhanced lesions")
@@ -198,6 +199,8 @@ def _get_parser() -> argparse.ArgumentParser:
     ph.add_argument("--emission-own-frame", action="store_true",
                     help="give every PET and SPECT its own frame of reference and pose (registered to its CT)")
     ph.add_argument("--camera-cps-per-mbq", type=float, default=9.6, help="SPECT camera sensitivity")
+    ph.add_argument("--ct-slice-mm", type=float,
+                    help="CT slice spacing in mm instead of the size's (tiny: 6 mm; same axial extent)")
     ph.set_defaults(func=_cmd_phantom)
 
     ix = sub.add_parser("index", parents=[common], help="header-only index of the series in a DICOM folder",

@@ -47,7 +47,7 @@ from .dicom_export import (
 )
 
 Design = Literal["whole_liver_ia", "lobar_ia"]
-Size = Literal["tiny", "clinical"]
+Size = Literal["tiny", "small", "clinical"]
 SpectFormat = Literal["nm_counts", "nm_bqml", "pt_bqml"]
 
 
@@ -68,6 +68,11 @@ SIZES: dict[str, SizeSpec] = {
     "tiny": SizeSpec(ct=((72, 56, 45), (5.0, 5.0, 6.0)), pet=((60, 46, 44), (6.0, 6.0, 6.0)),
                      spect=((56, 44, 40), (6.4, 6.4, 6.4)), mr=((64, 50, 30), (5.5, 5.5, 6.0)),
                      supersample=3, contour_step_mm=0.5, cycles=((4.0, 24.0, 72.0, 168.0), (24.0,))),
+    # the tiny anatomy's field of view at clinical voxel sizes (CT 2 mm, PET 4 mm, SPECT 4.42 mm): for
+    # accuracy tests that must not depend on a few 6 mm voxels at a small lesion's edge
+    "small": SizeSpec(ct=((180, 140, 135), (2.0, 2.0, 2.0)), pet=((90, 69, 66), (4.0, 4.0, 4.0)),
+                      spect=((81, 64, 58), (4.42, 4.42, 4.42)), mr=((117, 92, 60), (3.0, 3.0, 3.0)),
+                      supersample=2, contour_step_mm=0.5, cycles=((4.0, 24.0, 72.0, 168.0), (24.0,))),
     "clinical": SizeSpec(ct=((512, 512, 250), (0.977, 0.977, 2.0)), pet=((192, 192, 110), (3.65, 3.65, 3.27)),
                          spect=((128, 128, 110), (4.42, 4.42, 4.42)), mr=((256, 208, 60), (1.5, 1.5, 3.0)),
                          supersample=1, contour_step_mm=0.5,
@@ -107,8 +112,11 @@ class PhantomOptions:
     rest of the patient is unchanged); its grid is re-centred so that it still covers the same
     anatomy. Truth: ``sessions.{id}.emission``. ``spect_time_points``: SPECT hours after
     injection per cycle instead of the size's default (e.g. ``((24.0,),)`` for a quick patient
-    with one SPECT). These options are recorded in ``truth.json`` only when not at their
-    defaults, so that existing patients regenerate identically.
+    with one SPECT). ``ct_slice_mm``: slice spacing (and thickness) of every CT instead of the
+    size's (same axial extent; e.g. 2.0 for the tiny size, whose CT otherwise has 6 mm slices,
+    so that contours drawn on the reference CT define small lesions' caps as a clinical CT does).
+    These options are recorded in ``truth.json`` only when not at their defaults, so that
+    existing patients regenerate identically.
     """
 
     design: Design = "whole_liver_ia"
@@ -133,12 +141,14 @@ class PhantomOptions:
     emission_offset_mm: float = 30.0
     emission_rotation_deg: float = 4.0
     spect_time_points: tuple[tuple[float, ...], ...] | None = None
+    ct_slice_mm: float | None = None
 
 
 #: Options written to truth.json only when they differ from these defaults (added after the
 #: bundled cohort was made: its truth must regenerate identically).
 LATE_OPTION_DEFAULTS: dict[str, Any] = {"emission_own_frame": False, "emission_offset_mm": 30.0,
-                                        "emission_rotation_deg": 4.0, "spect_time_points": None}
+                                        "emission_rotation_deg": 4.0, "spect_time_points": None,
+                                        "ct_slice_mm": None}
 
 
 # --------------------------------------------------------------------------- names
@@ -379,12 +389,24 @@ def patient_anatomy(opt: PhantomOptions, rng: np.random.Generator | None = None)
                          min_lesions_per_lobe=2 if opt.design == "lobar_ia" and n_les >= 4 else 1)
 
 
+def _size_spec(opt: PhantomOptions) -> SizeSpec:
+    """The size's grids, with the CT's slices at ``opt.ct_slice_mm`` when asked (same axial extent)."""
+    spec = SIZES[opt.size]
+    if opt.ct_slice_mm is None:
+        return spec
+    if not 0.5 <= opt.ct_slice_mm <= 10.0:
+        raise ValueError(f"ct_slice_mm must be between 0.5 and 10 mm, got {opt.ct_slice_mm}")
+    (nx, ny, nz), (sx, sy, sz) = spec.ct
+    n_new = int(round((nz - 1) * sz / opt.ct_slice_mm)) + 1
+    return dataclasses.replace(spec, ct=((nx, ny, n_new), (sx, sy, float(opt.ct_slice_mm))))
+
+
 def _generate(out: Path, opt: PhantomOptions) -> dict[str, Any]:
     if opt.design not in ("whole_liver_ia", "lobar_ia"):
         raise ValueError(f"unknown design {opt.design!r}")
     if opt.size not in SIZES:
         raise ValueError(f"unknown size {opt.size!r}")
-    spec = SIZES[opt.size]
+    spec = _size_spec(opt)
     rng = np.random.default_rng(opt.seed)
     anat = patient_anatomy(opt, rng)
     acts = _activities(opt, anat, rng)
