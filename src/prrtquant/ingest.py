@@ -41,7 +41,7 @@ from .dicom_values import combine, parse_datetime
 from .dicom_series import SeriesError, load_sliced_series, rescaled_volume
 from .geometry import Grid
 from .io import atomic_directory, is_dicom_file
-from .masks import MaskError, rasterize_rtstruct, rtstruct_rois
+from .masks import MaskError, contour_distance_maps, rasterize_rtstruct, rtstruct_rois
 from .nm import NMGeometryError, read_nm
 from .radionuclides import RADIONUCLIDES
 from .roi_names import RoiMapper
@@ -51,11 +51,13 @@ log = logging.getLogger(__name__)
 
 INVENTORY_COLUMNS = ["series_instance_uid", "modality", "session", "role", "roi", "units", "path",
                      "source_roi_name", "mask_source", "study_instance_uid", "frame_of_reference_uid",
-                     "acquisition_datetime", "radionuclide", "route", "cycle", "hours_pi", "note", "fine_path"]
+                     "acquisition_datetime", "radionuclide", "route", "cycle", "hours_pi", "note", "fine_path", "distance_path"]
 
 #: RTSTRUCT contours are also rasterised on an in-plane grid this fine (mm), so that registration can carry
 #: their sub-voxel shape onto emission grids (written as masks/rtstruct_fine/, cropped to the ROI).
 FINE_MASK_MM = 1.0
+#: contour distance maps get slices interpolated (monotone cubic) to at most this spacing
+CONTOUR_SLICE_MM = 2.0
 
 IDENTIFYING_TAGS = ("PatientName", "PatientID", "PatientBirthDate", "OtherPatientIDs", "OtherPatientNames")
 
@@ -574,19 +576,36 @@ def _write_masks(ctx: _Ctx, rec: SeriesRecord, ref: SeriesRecord, masks: list[tu
 
 def _write_fine_masks(ctx: _Ctx, ds: pydicom.Dataset, rec: SeriesRecord, ref: SeriesRecord,
                       rows: dict[str, dict[str, Any]]) -> None:
-    """RTSTRUCT contours rasterised on an in-plane-refined copy of their image's grid (cropped to each ROI).
+    """RTSTRUCT contours as signed distance maps, and rasterised on an in-plane-refined grid.
 
-    Contours carry their shape at sub-voxel precision; a mask on a coarse CT grid (e.g. 5 mm voxels) loses it
-    and with it up to several % of a small lesion's mean uptake on another grid. Registration propagates
-    these fine masks when present (same slices, pixels refined to <= FINE_MASK_MM).
+    Contours carry their shape at sub-voxel precision; a mask on a coarse CT grid (e.g. 5 mm voxels) loses
+    it, and with it up to several % of a small lesion's mean uptake on another grid. Both are written on
+    the image's slices with pixels refined to <= FINE_MASK_MM: the signed distance to the contours
+    (``masks/rtstruct_distance``, inventory ``distance_path``: the surface registration carries, without a
+    voxel staircase; see :func:`prrtquant.masks.contour_distance_maps`) and, for coarse images, the
+    voxel-centre mask on that grid (``masks/rtstruct_fine``, ``fine_path``), cropped to each ROI.
     """
     grid = ctx.grids[ref.uid]
     factor = int(np.ceil(max(grid.spacing[0], grid.spacing[1]) / FINE_MASK_MM - 1e-6))
-    if factor <= 1:
-        return
-    fine = grid.refined((factor, factor, 1))
-    masks = rasterize_rtstruct(ds, fine, source=f"{rec.paths[0]}")
+    fine = grid.refined((factor, factor, 1)) if factor > 1 else grid
+    try:
+        distances = contour_distance_maps(ds, fine, source=f"{rec.paths[0]}", max_slice_mm=CONTOUR_SLICE_MM)
+    except MaskError as exc:
+        raise IngestError(str(exc)) from exc
+    masks = rasterize_rtstruct(ds, fine, source=f"{rec.paths[0]}") if factor > 1 else {}
     for name, row in rows.items():
+        side = {"roi": row["roi"], "source_roi_name": name, "mask_source": "rtstruct",
+                "in_plane_refinement": factor, "source_series_instance_uid": rec.uid,
+                "image_series_instance_uid": ref.uid, "prrtquant_version": __version__}
+        if name in distances:
+            phi, sub = distances[name]
+            rel = Path(row["path"].replace("/masks/rtstruct/", "/masks/rtstruct_distance/"))
+            _write_image(_image(phi, sub, np.float32), ctx.out / rel,
+                         {**side, "kind": "signed_distance", "units": "mm",
+                          "convention": "negative inside; in-plane distance to the contours on each contoured "
+                                        "slice, linear between slices, closing half a slice beyond the end "
+                                        "contours"})
+            row["distance_path"] = str(rel)
         mask = masks.get(name)
         if mask is None or not mask.any():
             continue
@@ -600,11 +619,8 @@ def _write_fine_masks(ctx: _Ctx, ds: pydicom.Dataset, rec: SeriesRecord, ref: Se
                    origin=tuple(float(v) for v in origin), direction=fine.direction)  # type: ignore[arg-type]
         rel = Path(row["path"].replace("/masks/rtstruct/", "/masks/rtstruct_fine/"))
         _write_image(_image(crop, sub, np.uint8), ctx.out / rel,
-                     {"roi": row["roi"], "source_roi_name": name, "mask_source": "rtstruct", "kind": "binary",
-                      "in_plane_refinement": factor, "voxels": int(crop.sum()),
-                      "volume_ml": float(crop.sum() * sub.voxel_volume_ml),
-                      "source_series_instance_uid": rec.uid, "image_series_instance_uid": ref.uid,
-                      "prrtquant_version": __version__})
+                     {**side, "kind": "binary", "voxels": int(crop.sum()),
+                      "volume_ml": float(crop.sum() * sub.voxel_volume_ml)})
         row["fine_path"] = str(rel)
 
 

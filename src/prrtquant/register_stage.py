@@ -90,10 +90,10 @@ def _reference(inv: pd.DataFrame, mask_source: str, reference_session: str | Non
         ref = sorted(set(on_ct.session))[0]
     sources = set(on_ct[on_ct.session == ref].mask_source)
     if mask_source == "auto":
-        # RTSTRUCT contours rasterised finely at ingest (fine_path) keep their sub-voxel shape: preferred;
-        # then SEG, RTSTRUCT on the CT grid, NIfTI
-        ref_rows = on_ct[on_ct.session == ref]
-        fine = "fine_path" in ref_rows and bool((ref_rows[ref_rows.mask_source == "rtstruct"].fine_path != "").any())
+        # RTSTRUCT contours as distance maps (distance_path) or rasterised finely (fine_path) at ingest keep
+        # their sub-voxel shape: preferred; then SEG, RTSTRUCT on the CT grid, NIfTI
+        rs_rows = on_ct[(on_ct.session == ref) & (on_ct.mask_source == "rtstruct")]
+        fine = any(col in rs_rows and bool((rs_rows[col] != "").any()) for col in ("distance_path", "fine_path"))
         source = "rtstruct" if fine else ("seg" if "seg" in sources else (
             "rtstruct" if "rtstruct" in sources else "nifti"))
     else:
@@ -101,6 +101,18 @@ def _reference(inv: pd.DataFrame, mask_source: str, reference_session: str | Non
     if source not in sources:
         raise RegisterError(f"no {source} masks on the reference session {ref} (available: {sorted(sources)})")
     return ref, source
+
+
+def _drawn_masks(ing: Path, rows: pd.DataFrame) -> tuple[dict[str, sitk.Image], dict[int, sitk.Image]]:
+    """Masks of inventory ``rows`` (the finely rasterised copy when ingest wrote one) and, keyed by the id of
+    each mask image, the contours' signed distance map when ingest wrote one (``distance_path``)."""
+    masks: dict[str, sitk.Image] = {}
+    distances: dict[int, sitk.Image] = {}
+    for r in rows.itertuples():
+        masks[r.roi] = sitk.ReadImage(str(ing / (getattr(r, "fine_path", "") or r.path)))
+        if getattr(r, "distance_path", ""):
+            distances[id(masks[r.roi])] = sitk.ReadImage(str(ing / r.distance_path), sitk.sitkFloat32)
+    return masks, distances
 
 
 def register_patient(ingest_dir: str | Path, out_dir: str | Path, settings: RegistrationSettings | None = None,
@@ -114,7 +126,7 @@ def register_patient(ingest_dir: str | Path, out_dir: str | Path, settings: Regi
     ref_ct = sitk.ReadImage(str(ing / ref_ct_row.path))
     mrows = inv[(inv.session == ref) & (inv.role == "mask") & (inv.mask_source == source)]
     # the finely rasterised copy of a contour mask when ingest wrote one (same ROI, sub-voxel shape)
-    masks = {r.roi: sitk.ReadImage(str(ing / (getattr(r, "fine_path", "") or r.path))) for r in mrows.itertuples()}
+    masks, drawn_distances = _drawn_masks(ing, mrows)
 
     with atomic_directory(out) as tmp:
         (tmp / "transforms").mkdir()
@@ -143,7 +155,9 @@ def register_patient(ingest_dir: str | Path, out_dir: str | Path, settings: Regi
         rows: list[dict[str, Any]] = []
         kinds = ("binary", "fractional") if fractional else ("binary",)
 
-        distances: dict[int, sitk.Image | None] = {}  # drawn masks live as long as the stage: ids are unique
+        # one distance map per drawn mask, reused for every grid: the contours' own when ingest wrote them
+        distances: dict[int, sitk.Image | None] = dict(drawn_distances)  # drawn masks live as long as the
+        # stage: their ids are unique
 
         def carry(session: str, role: str, image_path: str, target: sitk.Image, drawn: dict[str, sitk.Image],
                   t: sitk.Transform | None, prefix: str, mask_session: str) -> dict[str, sitk.Image]:
@@ -151,7 +165,7 @@ def register_patient(ingest_dir: str | Path, out_dir: str | Path, settings: Regi
             binary: dict[str, sitk.Image] = {}
             for roi0, m in drawn.items():
                 roi = prefix + roi0
-                if id(m) not in distances:  # one distance map per drawn mask, reused for every grid
+                if id(m) not in distances:
                     distances[id(m)] = mask_distance(m)
                 for kind in kinds:
                     img = propagate_mask(m, t, target, fractional=(kind == "fractional"), distance=distances[id(m)])
@@ -187,8 +201,8 @@ def register_patient(ingest_dir: str | Path, out_dir: str | Path, settings: Regi
                 fusion_overlay_png(ref_ct, resampled, tmp / "qc" / f"{row.session}_mr_fusion.png",
                                    title=f"{row.session} MR on reference {ref} CT")
             mrows = inv[(inv.session == row.session) & (inv.role == "mask")]
-            drawn = {r.roi: sitk.ReadImage(str(ing / (getattr(r, "fine_path", "") or r.path)))
-                     for r in mrows.itertuples() if not str(r.roi).startswith("unmapped_")}
+            drawn, drawn_d = _drawn_masks(ing, mrows[~mrows.roi.astype(str).str.startswith("unmapped_")])
+            distances.update(drawn_d)
             mr_masks[row.session] = drawn
             # MR masks on the reference CT grid (one resampling), and the cross-check with the CT's lesions
             on_ref = carry(ref, "ct", ref_ct_row.path, ref_ct, drawn, res.transform, "mr_", row.session)
