@@ -74,3 +74,31 @@ def processed_cohort(tmp_path_factory) -> dict[str, Path]:
         assert main(["register", str(d / "ingest"), "--out", str(d / "register")]) == 0
         out[p] = d
     return out
+
+
+def process_generated(patient_dir: Path, work: Path, name: str = "GEN", sessions: list[str] | None = None,
+                      quantify: bool = True) -> Path:
+    """A generated patient (``prrtquant phantom`` output) through ingest -> registration (-> quantification)
+    with default settings, by the command line, into ``work``; ``sessions``: keep only these sessions after
+    ingest. Its sheet row is built from the generator's ``sheet.json`` (no weight override)."""
+    import pandas as pd
+
+    from prrtquant.cli import main
+
+    sheet = json.loads((patient_dir / "sheet.json").read_text())
+    work.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame([{"patient": name, "dicom_dir": str(patient_dir / "DICOM"), "design": sheet["design"],
+                   "ia_pet_study_instance_uid": sheet["ia_pet_study_instance_uid"],
+                   "treated_lobe": sheet.get("treated_lobe") or "",
+                   "camera_cps_per_mbq": str(sheet["camera_cps_per_mbq"]), "weight_kg": ""}]
+                 ).to_csv(work / "patients.tsv", sep="\t", index=False)
+    assert main(["ingest", str(patient_dir / "DICOM"), "--out", str(work / "ingest"), "--patient", name,
+                 "--sheet", str(work / "patients.tsv")]) == 0
+    if sessions is not None:
+        inv_path = work / "ingest" / "inventory.tsv"
+        inv = pd.read_csv(inv_path, sep="\t", dtype=str, keep_default_na=False)
+        inv[inv.session.isin(sessions)].to_csv(inv_path, sep="\t", index=False)
+    assert main(["register", str(work / "ingest"), "--out", str(work / "register")]) == 0
+    if quantify:
+        assert main(["quantify", str(work / "ingest"), str(work / "register"), "--out", str(work / "quantify")]) == 0
+    return work

@@ -13,17 +13,20 @@ import pytest
 import SimpleITK as sitk
 from scipy import stats
 
-from conftest import COHORT, TEST_DATA, load_truth
+from conftest import COHORT, TEST_DATA, load_truth, process_generated
 from prrtquant.cli import main
 from prrtquant.cohort import cohort_summary, lobar_comparisons
 from prrtquant.quantify_stage import QuantifySettings, quantify_patient
 
 # Per-lesion and per-lobe means are compared with truth's reference (exact analytic masks on each grid).
-# The pipeline's masks come from contours drawn on a 5 x 5 x 6 mm CT, carried onto 6 mm PET and 6.4 mm
-# SPECT voxels: a 2.5-12 mL lesion has 12-60 voxels there, and each boundary voxel gained or lost moves its
-# mean by ~1-4 %. Measured on the bundled cohort (README, "validated"): see the tolerances below.
-ER_MEAN_RTOL = 0.12
+# The pipeline carries the contours drawn on a 5 x 5 x 6 mm CT (as signed distance maps) onto 6 mm PET and
+# 6.4 mm SPECT voxels: a 2.5-12 mL lesion has 12-60 voxels there, the surface between 6 mm slices is placed to
+# ~0.3 mm (up to ~1 mm near the caps), and each boundary voxel gained or lost moves a lesion's mean by ~1-4 %.
+# Measured on the bundled cohort (README, "validated"): ER from SUVmean max 3.4 %, lobe T/N max 1.9 %,
+# per-lesion T/N max 9 %. The 2 % is asserted at clinical voxel sizes in test_accuracy.py.
+ER_MEAN_RTOL = 0.05
 TN_RTOL = 0.03
+PER_LESION_TN_RTOL = 0.10
 ORGAN_ACTIVITY_RTOL = 0.03
 
 
@@ -123,8 +126,8 @@ def test_lobes_tn_against_truth(quantified):
     per = pd.read_csv(quantified["P03"] / "lobe_lesions.tsv", sep="\t")
     for r in per.itertuples():
         ref = t["tn"][r.session][r.lobe]["tn_per_lesion_reference"][r.lesion]
-        # one lesion's mean on 12-60 SPECT voxels: measured median 1 %, max 6.6 % (the 3.1 mL lesion_3)
-        assert r.tn == pytest.approx(ref, rel=0.08), (r.session, r.lesion)
+        # one lesion's mean on 12-60 SPECT voxels: measured median 1.5 %, max 9 % (the 3.1 mL lesion_3)
+        assert r.tn == pytest.approx(ref, rel=PER_LESION_TN_RTOL), (r.session, r.lesion)
 
 
 def test_cycles_table(quantified):
@@ -338,18 +341,7 @@ def test_eligibility_right_close_to_the_threshold(tmp_path, seed, mean_er):
     er = truth["enhancement_ratio"]
     ref = er["reference_patient_suvmax"]
     assert abs(ref["mean"] - 3.0) < 0.2 and ref["eligible"] == er["true_patient"]["eligible"], er
-    sheet = json.loads((tmp_path / "patient" / "sheet.json").read_text())
-    rows = pd.DataFrame([{"patient": "NEAR", "dicom_dir": str(tmp_path / "patient" / "DICOM"),
-                          "design": sheet["design"], "ia_pet_study_instance_uid": sheet["ia_pet_study_instance_uid"],
-                          "treated_lobe": "", "camera_cps_per_mbq": str(sheet["camera_cps_per_mbq"]),
-                          "weight_kg": ""}])
-    rows.to_csv(tmp_path / "patients.tsv", sep="\t", index=False)
-    assert main(["ingest", str(tmp_path / "patient" / "DICOM"), "--out", str(tmp_path / "ingest"), "--patient",
-                 "NEAR", "--sheet", str(tmp_path / "patients.tsv")]) == 0
-    inv_path = tmp_path / "ingest" / "inventory.tsv"
-    inv = pd.read_csv(inv_path, sep="\t", dtype=str, keep_default_na=False)
-    inv[inv.session.isin(["pet_iv", "pet_ia"])].to_csv(inv_path, sep="\t", index=False)
-    assert main(["register", str(tmp_path / "ingest"), "--out", str(tmp_path / "register")]) == 0
+    process_generated(tmp_path / "patient", tmp_path, "NEAR", sessions=["pet_iv", "pet_ia"], quantify=False)
     elig, _ = _run(tmp_path)
     assert elig["eligible"] == ref["eligible"], (elig["value"], ref)
     assert elig["value"] == pytest.approx(ref["mean"], rel=5e-3)
