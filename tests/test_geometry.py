@@ -8,6 +8,7 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+from scipy import ndimage
 
 from prrtquant.geometry import Grid, Rigid
 from prrtquant.masks import MaskError, contour_distance_maps, rasterize_rtstruct
@@ -179,13 +180,28 @@ def test_contour_distance_carries_a_sphere_to_another_grid_exactly():
     """A 12 mm sphere contoured on 1 mm x 1 mm x 2 mm slices, carried by propagate_mask onto an oblique
     4 mm grid: every voxel whose centre is farther than 0.1 mm from the sphere is classified right (the
     in-plane staircase of a rasterised mask shifts the surface by up to ~0.5 mm), except near the poles,
-    which close half a slice beyond the end contours."""
+    which close half a slice beyond the end contours. With the volume kept, the surface encloses the
+    contours' slab volume (sum of contour areas x slice spacing) to 0.3 %, the sphere's to 1 %; without,
+    the caps' taper and the chords between slices lose ~2 %."""
     from prrtquant.registration import propagate_mask
 
     s = Sphere((1.3, -2.1, 0.7), 12.0)
     g = Grid((40, 40, 20), (1.0, 1.0, 2.0), (-19.5, -19.5, -19.0))
     contours = [c for k in range(g.size[2]) for c in slice_contours(s, g, k, step_mm=0.25)]
-    phi, sub = contour_distance_maps(_rtstruct(contours), g)["sphere"]
+    rs = _rtstruct(contours)
+    phi, sub = contour_distance_maps(rs, g, volume_preserving=True)["sphere"]
+    slab = sum(0.5 * abs(np.dot(c[:, 0], np.roll(c[:, 1], -1)) - np.dot(c[:, 1], np.roll(c[:, 0], -1)))
+               for c in contours) * 2.0
+    pts = np.random.default_rng(1).uniform(-14.0, 14.0, (400_000, 3)) + np.asarray(s.center)
+    box = 28.0 ** 3
+    for keep, to_slab, to_sphere in ((True, 0.003, 0.01), (False, None, None)):
+        ph, sb = (phi, sub) if keep else contour_distance_maps(rs, g)["sphere"]
+        inside = ndimage.map_coordinates(ph, sb.physical_to_index(pts)[:, ::-1].T, order=1, cval=1e4) <= 0
+        vol = inside.mean() * box
+        if keep:
+            assert vol == pytest.approx(slab, rel=to_slab) and vol == pytest.approx(s.volume_ml * 1000, rel=to_sphere)
+        else:
+            assert vol < 0.99 * slab
     d = Rigid((7.0, -5.0, 20.0)).matrix[:3, :3]
     for shift in (0.0, 0.78, 3.9):  # target grids on which a rasterised mask misplaces 2-3 such voxels
         target = Grid((12, 12, 12), (4.0, 4.0, 4.0), (-22.0 + shift, -22.0 + shift / 2, -22.0 + shift / 3),

@@ -589,7 +589,8 @@ def _write_fine_masks(ctx: _Ctx, ds: pydicom.Dataset, rec: SeriesRecord, ref: Se
     factor = int(np.ceil(max(grid.spacing[0], grid.spacing[1]) / FINE_MASK_MM - 1e-6))
     fine = grid.refined((factor, factor, 1)) if factor > 1 else grid
     try:
-        distances = contour_distance_maps(ds, fine, source=f"{rec.paths[0]}", max_slice_mm=CONTOUR_SLICE_MM)
+        distances = contour_distance_maps(ds, fine, source=f"{rec.paths[0]}", max_slice_mm=CONTOUR_SLICE_MM,
+                                          volume_preserving=True)
     except MaskError as exc:
         raise IngestError(str(exc)) from exc
     masks = rasterize_rtstruct(ds, fine, source=f"{rec.paths[0]}") if factor > 1 else {}
