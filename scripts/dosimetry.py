@@ -1,16 +1,17 @@
 """Snakemake entry point: 177Lu dosimetry of one patient (see `prrtquant dosimetry --help`)."""
 
-from prrtquant.cli import main
+from typing import Any, Mapping
+
+from prrtquant.cli import main_with_config
 
 
-def run(ingest_dir: str, register_dir: str, out: str, config_file: str, log: str, on_error: str = "fail") -> int:
-    args = ["dosimetry", ingest_dir, register_dir, "--out", out, "--log", log, "--on-error", on_error]
-    if config_file:
-        args += ["--config", config_file]
-    return main(args)
+def run(ingest_dir: str, register_dir: str, out: str, config: Mapping[str, Any], log: str,
+        on_error: str = "fail") -> int:
+    return main_with_config(["dosimetry", ingest_dir, register_dir, "--out", out, "--log", log, "--on-error", on_error],
+                            config)
 
 
 if "snakemake" in globals():
     sm = globals()["snakemake"]
-    raise SystemExit(run(sm.input.ingest, sm.input.register, sm.output[0], str(sm.params.config_file), sm.log[0],
+    raise SystemExit(run(sm.input.ingest, sm.input.register, sm.output[0], sm.params.config, sm.log[0],
                          sm.params.on_error))

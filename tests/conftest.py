@@ -90,7 +90,8 @@ def process_generated(patient_dir: Path, work: Path, name: str = "GEN", sessions
     pd.DataFrame([{"patient": name, "dicom_dir": str(patient_dir / "DICOM"), "design": sheet["design"],
                    "ia_pet_study_instance_uid": sheet["ia_pet_study_instance_uid"],
                    "treated_lobe": sheet.get("treated_lobe") or "",
-                   "camera_cps_per_mbq": str(sheet["camera_cps_per_mbq"]), "weight_kg": ""}]
+                   "camera_cps_per_mbq": str(sheet["camera_cps_per_mbq"]), "weight_kg": "",
+                   "spect_sheet": str(patient_dir / sheet["spect_sheet"]) if sheet.get("spect_sheet") else ""}]
                  ).to_csv(work / "patients.tsv", sep="\t", index=False)
     assert main(["ingest", str(patient_dir / "DICOM"), "--out", str(work / "ingest"), "--patient", name,
                  "--sheet", str(work / "patients.tsv")]) == 0

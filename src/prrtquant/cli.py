@@ -11,7 +11,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 from . import __version__
 
@@ -52,29 +52,23 @@ def _cmd_index(args: argparse.Namespace) -> int:
 
 
 def _load_config(path: Path | None) -> dict:
-    if path is None:
-        return {}
-    import yaml
+    """The config validated against the workflow's schema, defaults filled in (no file: the defaults)."""
+    from .config import load_config
 
-    try:
-        cfg = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ValueError(f"{path}: cannot read config ({exc})") from exc
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{path}: config must be a mapping")
-    return cfg
+    return load_config(path)
 
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
     from .ingest import IngestConfig, PatientSheet, ingest
 
     cfg = _load_config(args.config)
-    sheet_path = args.sheet or (Path(cfg["patients"]) if args.config and "patients" in cfg else None)
+    sheet_path = args.sheet or (Path(cfg["patients"]) if "patients" in cfg else None)
     if sheet_path is not None:
         sheet = PatientSheet.from_tsv(sheet_path, args.patient)
     else:
         sheet = PatientSheet(patient=args.patient)
-    inv = ingest(args.dicom_dir, args.out, sheet, IngestConfig.from_dict(cfg.get("ingest")))
+    settings = IngestConfig.from_dict(cfg["ingest"], cfg["physical_bounds"], fail_on_bounds=args.on_error == "fail")
+    inv = ingest(args.dicom_dir, args.out, sheet, settings)
     log.info("%s: inventory of %d rows in %s", args.patient, len(inv), args.out / "inventory.tsv")
     return 0
 
@@ -93,8 +87,12 @@ def _cmd_register(args: argparse.Namespace) -> int:
 def _cmd_quantify(args: argparse.Namespace) -> int:
     from .quantify_stage import QuantifySettings, quantify_patient
 
-    settings = QuantifySettings.from_config(_load_config(args.config).get("quantify"))
-    elig = quantify_patient(args.ingest_dir, args.register_dir, args.out, settings)
+    from .bounds import BoundsSettings
+
+    cfg = _load_config(args.config)
+    elig = quantify_patient(args.ingest_dir, args.register_dir, args.out, QuantifySettings.from_config(cfg["quantify"]),
+                            bounds=BoundsSettings.from_config(cfg["physical_bounds"]),
+                            fail_on_bounds=args.on_error == "fail")
     log.info("ER statistic %s = %s (threshold %s): eligible %s%s", elig["statistic"], elig["value"],
              elig["threshold"], elig["eligible"], " [flagged]" if elig.get("flagged") else "")
     return 0
@@ -103,11 +101,20 @@ def _cmd_quantify(args: argparse.Namespace) -> int:
 def _cmd_dosimetry(args: argparse.Namespace) -> int:
     from .dosimetry import settings_from_config
     from .dosimetry_stage import dosimetry_patient
+    from .regions import RegionSettings
 
-    settings = settings_from_config(_load_config(args.config).get("dosimetry"))
-    summary = dosimetry_patient(args.ingest_dir, args.register_dir, args.out, settings)
+    cfg = _load_config(args.config)
+    from .bounds import BoundsSettings
+
+    summary = dosimetry_patient(args.ingest_dir, args.register_dir, args.out, settings_from_config(cfg["dosimetry"]),
+                                region_settings=RegionSettings.from_config(cfg["quantify"]),
+                                bounds=BoundsSettings.from_config(cfg["physical_bounds"]),
+                                fail_on_bounds=args.on_error == "fail")
     flags = [f"{x['region']} {x['quantity']} ({x['method']}) {x['value_gy']:.2f} Gy > {x['limit_gy']:g} Gy"
              for x in summary.get("limits_exceeded") or []]
+    if summary.get("physical_bounds"):
+        log.warning("dosimetry: %d physically impossible value(s) flagged (see summary.json physical_bounds)",
+                    len(summary["physical_bounds"]))
     log.info("dosimetry: %d cycle(s)%s", len(summary.get("cycles") or {}),
              f"; limits exceeded (flagged, not decided): {'; '.join(flags)}" if flags else ", no limit exceeded")
     return 0
@@ -191,7 +198,13 @@ def _get_parser() -> argparse.ArgumentParser:
     ph.add_argument("--noise", type=float, default=0.0, help="relative emission noise level (0: noise free)")
     ph.add_argument("--deformation", action="store_true", help="smooth liver deformation between sessions")
     ph.add_argument("--messy-names", action="store_true", help="clinical ROI names ('Rt lobe', 'Target 1', ...)")
-    ph.add_argument("--spect-format", choices=["nm_counts", "nm_bqml", "pt_bqml"], default="nm_counts")
+    ph.add_argument("--spect-format", default="nm_counts",
+                    choices=["nm_counts", "nm_counts_scaled", "nm_bqml", "nm_bqml_rescale", "nm_bqml_rwv_rescale",
+                             "nm_starguide", "pt_bqml"],
+                    help="how SPECT values are stored: integer counts; counts scaled by RescaleSlope (Units CNTS); "
+                         "Bq/mL by Real World Value Mapping; Bq/mL by RescaleSlope with Units BQML; both agreeing; "
+                         "GE StarGuide counts (duration in ImageComments, activity and injection time only in "
+                         "spect_sheet.tsv); Bq/mL as PET objects")
     ph.add_argument("--nm-negative-spacing", action="store_true",
                     help="NM frames head to feet with negative SpacingBetweenSlices")
     ph.add_argument("--mr", action="store_true", help="add an MR session with target lesions drawn on it")
@@ -251,7 +264,8 @@ def _get_parser() -> argparse.ArgumentParser:
     do.add_argument("ingest_dir", type=Path)
     do.add_argument("register_dir", type=Path)
     do.add_argument("--out", required=True, type=Path)
-    do.add_argument("--config", type=Path, help="workflow config.yaml (its `dosimetry` section is used)")
+    do.add_argument("--config", type=Path, help="workflow config.yaml (its `dosimetry` section, and the region "
+                                                "definition of its `quantify` section, are used)")
     do.set_defaults(func=_cmd_dosimetry)
 
     co = sub.add_parser("cohort", parents=[common], help="cohort tables, eligibility count, lobar comparison, plots",
@@ -308,6 +322,31 @@ def main(argv: Sequence[str] | None = None) -> int:
                       Path(args.out) / "FAILED.json")
             return 0
         return 2
+
+
+def main_with_config(argv: Sequence[str], config: Mapping[str, Any]) -> int:
+    """:func:`main` with ``--config`` set to a temporary YAML file holding ``config``.
+
+    The workflow's scripts call this with the config sections their stage reads, as Snakemake holds
+    them (``--config`` overrides and schema defaults included), so a job never re-reads a raw file.
+    """
+    import tempfile
+
+    import yaml
+
+    with tempfile.TemporaryDirectory(prefix="prrtquant-config-") as tmp:
+        path = Path(tmp) / "config.yaml"
+        path.write_text(yaml.safe_dump(_plain(config), sort_keys=False))
+        return main([*argv, "--config", str(path)])
+
+
+def _plain(o: Any) -> Any:
+    """Snakemake's config containers (dict/list subclasses) as plain dicts and lists for YAML."""
+    if isinstance(o, Mapping):
+        return {str(k): _plain(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_plain(v) for v in o]
+    return o
 
 
 if __name__ == "__main__":  # pragma: no cover

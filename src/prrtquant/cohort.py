@@ -12,7 +12,10 @@
   comparison of treated vs control lobe T/N across lobar-design patients
   (:func:`prrtquant.quantify.paired_lobe_comparison`);
 - ``summary.json``: counts (patients, eligible, flagged, failed), the ER distribution per statistic, the
-  paired comparisons, the failed patients and why;
+  paired comparisons, the failed patients and why, the patients with physically impossible numbers;
+- ``physical_bounds.tsv`` and ``physical_bounds.html`` (for the report): every physically impossible
+  number any stage flagged (:mod:`prrtquant.bounds`), per patient; such a patient's ``status`` is
+  ``flagged`` and its ``reason`` says why;
 - ``plots/er_distribution.png``, ``plots/lobar_tn_paired.png``, ``plots/uptake_by_route.png``.
 """
 
@@ -176,6 +179,32 @@ def _plots(out: Path, lesions: pd.DataFrame, lobes: pd.DataFrame, cycles: pd.Dat
     _save_png(plt, fig, plots / "uptake_by_route.png")
 
 
+BOUNDS_COLUMNS = ["patient", "stage", "quantity", "region", "where", "value", "bound", "unit", "source", "message"]
+
+
+def _bounds_rows(patient: str, folders: list[Path]) -> list[dict[str, Any]]:
+    """Physical-bound violations recorded by a patient's stages (each listed once)."""
+    seen: dict[str, dict[str, Any]] = {}
+    for folder, name in ((f, n) for f in folders for n in ("quantify.json", "summary.json")):
+        path = folder / name
+        if read_failure(folder) is not None or not path.exists():
+            continue
+        for v in json.loads(path.read_text()).get("physical_bounds") or []:
+            seen.setdefault(str(v.get("message")), {"patient": patient, **{c: v.get(c) for c in BOUNDS_COLUMNS[1:]}})
+    return list(seen.values())
+
+
+def _html_table(df: pd.DataFrame, title: str, empty: str) -> str:
+    """A small self-contained HTML page with one table (Snakemake's report shows HTML inline, TSV not)."""
+    import html
+
+    body = df.to_html(index=False, na_rep="", escape=True, border=0) if len(df) else f"<p>{html.escape(empty)}</p>"
+    return ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>" + html.escape(title) + "</title><style>"
+            "body{font-family:sans-serif;font-size:13px}table{border-collapse:collapse}"
+            "td,th{border:1px solid #bbb;padding:3px 6px;text-align:left}th{background:#eee}</style></head><body>"
+            f"<h3>{html.escape(title)}</h3>{body}</body></html>")
+
+
 def cohort_summary(quantify_dirs: Mapping[str, str | Path], out_dir: str | Path,
                    failures: Mapping[str, str] | None = None,
                    dosimetry_dirs: Mapping[str, str | Path] | None = None) -> dict[str, Any]:
@@ -194,6 +223,16 @@ def cohort_summary(quantify_dirs: Mapping[str, str | Path], out_dir: str | Path,
         fail = read_failure(dos[row["patient"]]) if row["patient"] in dos else None
         if fail is not None and row["status"] != "failed":
             row["reason"] = f"dosimetry failed: {fail.get('stage')}: {fail.get('error')}"
+    bounds_rows: list[dict[str, Any]] = []
+    for row in elig_rows:
+        p = row["patient"]
+        found = _bounds_rows(p, [folders[p]] + ([dos[p]] if p in dos else []))
+        bounds_rows += found
+        row["physical_bounds"] = len(found)
+        if found and row["status"] != "failed":
+            row["status"] = "flagged"
+            why = f"{len(found)} physically impossible value(s): {found[0]['message']}"
+            row["reason"] = "; ".join(x for x in (row.get("reason"), why) if x)
     for p, why in (failures or {}).items():
         elig_rows.append({"patient": p, "status": "failed", "reason": why})
     elig = pd.DataFrame(elig_rows)
@@ -220,6 +259,8 @@ def cohort_summary(quantify_dirs: Mapping[str, str | Path], out_dir: str | Path,
         "failed": {r.patient: r.reason for r in failed.itertuples()},
         "dosimetry_failed": {r.patient: r.reason for r in elig.itertuples()
                              if isinstance(r.reason, str) and r.reason.startswith("dosimetry failed")},
+        "physical_bounds": {p: [r["message"] for r in bounds_rows if r["patient"] == p]
+                            for p in dict.fromkeys(r["patient"] for r in bounds_rows)},
         "statistic": statistic, "threshold": threshold, "er_distribution": dist,
         "lobar_comparison": comparisons.replace({np.nan: None}).to_dict(orient="records"),
         "prrtquant_version": __version__,
@@ -231,6 +272,13 @@ def cohort_summary(quantify_dirs: Mapping[str, str | Path], out_dir: str | Path,
         elig.to_csv(tmp, sep="\t", index=False)
     with atomic_path(out / "lobar_comparison.tsv") as tmp:
         comparisons.to_csv(tmp, sep="\t", index=False)
+    bounds = pd.DataFrame(bounds_rows, columns=BOUNDS_COLUMNS)
+    with atomic_path(out / "physical_bounds.tsv") as tmp:
+        bounds.to_csv(tmp, sep="\t", index=False)
+    with atomic_path(out / "physical_bounds.html") as tmp:
+        tmp.write_text(_html_table(bounds, "Physically impossible numbers (flagged, never reported as results)",
+                                   f"None: every absolute number of the {len(elig)} patients is within its physical "
+                                   f"bound."))
     _plots(out, les, stacked["lobes"], stacked["cycles"], statistic, threshold)
     with atomic_path(out / "summary.json") as tmp:
         tmp.write_text(json.dumps(json_ready(summary), indent=1))

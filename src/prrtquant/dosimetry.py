@@ -166,8 +166,6 @@ class DosimetrySettings:
         the order reported e.g. by Sandström et al., J Nucl Med 54 (2013) 33–41; use your site's.
     stp_half_life_cv
         Relative uncertainty of the population half-life (propagated to the Madsen TIA).
-    mask_kind
-        Propagated masks used for activities: ``binary`` or ``fractional``.
     density
         ``ct`` (bilinear HU → density calibration of the session's CT) or ``water`` (1 g/mL).
     ct_density_slope_per_hu
@@ -212,7 +210,6 @@ class DosimetrySettings:
     population_effective_half_life_h: Mapping[str, float] = field(default_factory=lambda: {
         "kidney": 50.0, "spleen": 70.0, "liver": 70.0, "bone_marrow": 40.0, "lesion": 90.0, "other": 50.0})
     stp_half_life_cv: float = 0.2
-    mask_kind: str = "binary"
     density: str = "ct"
     ct_density_slope_per_hu: float = 0.0006
     min_density_g_ml: float = 0.05
@@ -236,7 +233,7 @@ class DosimetrySettings:
         if bad or not self.models:
             raise ValueError(f"dosimetry.models: unknown model(s) {bad}; known: {sorted(MODELS)}")
         for name, allowed in (("trapezoid_start", ("zero", "constant")), ("stp_method", ("madsen", "hanscheid")),
-                              ("mask_kind", ("binary", "fractional")), ("density", ("ct", "water"))):
+                              ("density", ("ct", "water"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"dosimetry.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("activity_cv", "max_tail_fraction", "kernel_radius_mm", "electron_mean_range_mm",

@@ -41,7 +41,9 @@ import SimpleITK as sitk
 from . import __version__
 from . import dosimetry as D
 from .io import atomic_directory
-from .quantify import healthy_liver_mask, region_stats
+from .quantify import region_stats
+from .bounds import BoundsSettings, Violation, check_activity, check_non_negative, check_tia, flags_by_key, raise_if_any
+from .regions import RegionSettings, session_regions
 
 log = logging.getLogger(__name__)
 
@@ -93,22 +95,6 @@ def _regions(rois: set[str]) -> list[str]:
 
 def _sidecar(path: Path) -> dict[str, Any]:
     return json.loads(path.with_name(path.name.replace(".nii.gz", ".json")).read_text())
-
-
-def _session_masks(reg: Path, table: pd.DataFrame, session: str, kind: str) -> dict[str, sitk.Image]:
-    rows = table[(table.session == session) & (table.kind == kind)]
-    return {r.roi: sitk.ReadImage(str(reg / r.path)) for r in rows.itertuples()}
-
-
-def _with_healthy(masks: dict[str, sitk.Image]) -> dict[str, sitk.Image]:
-    lesions = [masks[r] for r in masks if r.startswith("lesion_")]
-    out = dict(masks)
-    if "liver" in masks:
-        out["healthy_liver"] = healthy_liver_mask(masks["liver"], lesions)
-    for lobe in ("left", "right"):
-        if f"liver_{lobe}" in masks:
-            out[f"healthy_liver_{lobe}"] = healthy_liver_mask(masks[f"liver_{lobe}"], lesions)
-    return out
 
 
 def _density_on(spect: sitk.Image, ct: sitk.Image | None, s: D.DosimetrySettings) -> sitk.Image | None:
@@ -166,10 +152,22 @@ def _tia_region(t: list[float], a: list[float], s: D.DosimetrySettings, injected
 
 
 def dosimetry_patient(ingest_dir: str | Path, register_dir: str | Path, out_dir: str | Path,
-                      settings: D.DosimetrySettings | None = None, patient: str | None = None) -> dict[str, Any]:
-    """Run the dosimetry of one patient; see the module docstring. Returns the summary dict."""
+                      settings: D.DosimetrySettings | None = None, patient: str | None = None,
+                      region_settings: RegionSettings | None = None, bounds: BoundsSettings | None = None,
+                      fail_on_bounds: bool = False) -> dict[str, Any]:
+    """Run the dosimetry of one patient; see the module docstring. Returns the summary dict.
+
+    ``region_settings``: the region definition (mask kind, healthy-liver margin), the same as quantification's
+    (config section ``quantify``), so both stages measure the same voxels. ``bounds``: physical
+    plausibility (:mod:`prrtquant.bounds`): activity at most the administered activity decayed to the scan,
+    TIA at most A0/λ, nothing negative; violations go into ``bounds_flag`` columns and ``summary.json``,
+    or, with ``fail_on_bounds``, raise :class:`prrtquant.bounds.PhysicalBoundsError` (nothing written).
+    """
     ing, reg = Path(ingest_dir), Path(register_dir)
     s = settings or D.DosimetrySettings()
+    region_def = region_settings or RegionSettings()
+    tol = (bounds or BoundsSettings()).activity_tolerance
+    violations: list[Violation] = []
     inv = pd.read_csv(ing / "inventory.tsv", sep="\t", dtype=str, keep_default_na=False)
     table = pd.read_csv(reg / "masks.tsv", sep="\t", dtype=str, keep_default_na=False)
     qc = json.loads((reg / "qc.json").read_text())
@@ -233,9 +231,7 @@ def dosimetry_patient(ingest_dir: str | Path, register_dir: str | Path, out_dir:
         grid_data: dict[str, Any] = {}
         for tp in tps:
             spect = sitk.ReadImage(str(tp["path"]), sitk.sitkFloat64)
-            masks = _with_healthy(_session_masks(reg, table, tp["session"], s.mask_kind))
-            binary = masks if s.mask_kind == "binary" else _with_healthy(
-                _session_masks(reg, table, tp["session"], "binary"))
+            masks, binary = session_regions(reg, table, tp["session"], region_def)
             arr = sitk.GetArrayViewFromImage(spect)
             vml = float(np.prod(spect.GetSpacing())) / 1000.0
             fov_mbq = float(np.nansum(arr)) * vml / 1e6
@@ -260,7 +256,10 @@ def dosimetry_patient(ingest_dir: str | Path, register_dir: str | Path, out_dir:
                     rc = D.recovery_coefficient(st["volume_ml"], s.recovery_coefficients)
                     a = a / rc
                 per_region.setdefault(region, []).append((tp["hours"], a, tp["session"]))
-                tac_rows.append({"cycle": cycle, "session": tp["session"], "hours_pi": tp["hours"], "region": region,
+                found = check_activity(st["integral"] / 1e6, injected, tp["hours"], lam, tol, stage="dosimetry",
+                                       region=region, where=tp["session"], source=str(tp["path"].name))
+                violations.extend(found)
+                tac_rows.append({"bounds_flag": flags_by_key(found, lambda v: 0).get(0, ""), "cycle": cycle, "session": tp["session"], "hours_pi": tp["hours"], "region": region,
                                  "activity_mbq": a, "activity_sd_mbq": a * s.activity_cv,
                                  "activity_measured_mbq": st["integral"] / 1e6, "recovery_coefficient": rc,
                                  "concentration_bqml": st["mean"] / (1.0 if math.isnan(rc) else rc),
@@ -367,6 +366,7 @@ def dosimetry_patient(ingest_dir: str | Path, register_dir: str | Path, out_dir:
                 teff = info["effective_half_life_h"]
                 for m in ("local", "kernel", "svalue"):
                     row[f"bed_{m}_gy"] = D.bed(row[f"dose_{m}_gy"], teff, s.alpha_beta_gy, s.repair_half_time_h)
+            row["bounds_flag"] = _bounds_flag(row, injected, lam, tol, f"cycle {cycle}", violations)
             dos_rows.append(row)
     # --- cumulative rows and limits
     dos = pd.DataFrame(dos_rows)
@@ -402,8 +402,15 @@ def dosimetry_patient(ingest_dir: str | Path, register_dir: str | Path, out_dir:
                         flags.append(f"{quantity} {m} {val:.2f} Gy > limit {limit:g} Gy")
             row["limit_gy"] = checks[0][1] if checks else math.nan
             row["limit_flags"] = "; ".join(flags)
+            row["bounds_flag"] = _bounds_flag(row, row["injected_mbq"], lam, tol, "cumulative", violations)
             cum_rows.append(row)
     dos_all = pd.concat([dos, pd.DataFrame(cum_rows)], ignore_index=True) if cum_rows else dos
+    if fail_on_bounds:
+        raise_if_any(violations, f"{ing}")
+    upstream = json.loads((ing / "sessions.json").read_text()).get("physical_bounds") or [] if (
+        ing / "sessions.json").exists() else []
+    for v in violations:
+        log.warning("%s", v.message)
     exceeded = [x for x in limits if x["exceeded"]]
     summary = {"patient": patient, "cycles": {str(c): {"injected_mbq": sessions[c][0]["injected_mbq"],
                                                        "time_points": [tp["session"] for tp in sorted(
@@ -412,7 +419,9 @@ def dosimetry_patient(ingest_dir: str | Path, register_dir: str | Path, out_dir:
                                               for c in sorted(sessions)},
                "regions": regions, "limits": limits, "limits_flagged": bool(exceeded),
                "limits_exceeded": exceeded, "registration_flagged": bool(qc.get("flagged", False)),
-               "notes": notes, "settings": asdict(s),
+               "physical_bounds": upstream + [v.as_dict() for v in violations],
+               "physical_bounds_flagged": bool(upstream or violations),
+               "notes": notes, "settings": asdict(s), "region_definition": asdict(region_def),
                "constants": {"electron_kev_per_decay": D.ELECTRON_KEV_PER_DECAY,
                              "local_deposition_mgy_kg_per_mbq_h": D.LOCAL_DEPOSITION_MGY_KG_PER_MBQ_H,
                              "lambda_per_h": lam, "sphere_s_table_gy_per_mbq_h": D.SPHERE_S_TABLE,
@@ -446,6 +455,18 @@ def dosimetry_patient(ingest_dir: str | Path, register_dir: str | Path, out_dir:
                            [v * s.activity_cv for v in a])
         (tmp / "summary.json").write_text(json.dumps(_finite(summary), indent=1, default=_json_default))
     return summary
+
+
+def _bounds_flag(row: dict[str, Any], injected_mbq: float, lam: float, tol: float, where: str,
+                 violations: list[Violation]) -> str:
+    """Physical bounds of one dosimetry.tsv row (TIA ≤ A0/λ, TIA, doses and BED ≥ 0), as its flag text."""
+    region = str(row["region"])
+    found = check_tia(row["tia_mbq_h"], injected_mbq, lam, tol, stage="dosimetry", region=region, where=where)
+    for key in ("dose_local_gy", "dose_kernel_gy", "dose_svalue_gy", "bed_local_gy", "bed_kernel_gy", "bed_svalue_gy"):
+        if key in row:
+            found += check_non_negative(row[key], key, "Gy", stage="dosimetry", region=region, where=where)
+    violations.extend(found)
+    return flags_by_key(found, lambda v: 0).get(0, "")
 
 
 def _finite(o: Any) -> Any:

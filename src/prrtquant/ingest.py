@@ -42,7 +42,8 @@ from .dicom_series import SeriesError, load_sliced_series, rescaled_volume
 from .geometry import Grid
 from .io import atomic_directory, is_dicom_file
 from .masks import MaskError, contour_distance_maps, rasterize_rtstruct, rtstruct_rois
-from .nm import NMGeometryError, read_nm
+from .bounds import Violation, check_activity, raise_if_any
+from .nm import NMGeometryError, NMValueError, acquisition_duration_s, read_nm, to_bqml_at_start
 from .radionuclides import RADIONUCLIDES
 from .roi_names import RoiMapper
 from .suv import total_dose_bq
@@ -66,6 +67,74 @@ class IngestError(ValueError):
     """Bad input: the message names the file or series and the problem."""
 
 
+SPECT_SHEET_COLUMNS = ("series_instance_uid", "injection_datetime", "injected_activity_mbq", "acquisition_duration_s",
+                       "camera_cps_per_mbq", "decay_reference")
+
+
+@dataclass(frozen=True)
+class SpectSheetRow:
+    """What one SPECT series' header lacks, given by the user (a row of the patient's SPECT sheet).
+
+    Every field is optional; a value given here is used instead of the header's, and the sidecar
+    records which one was used (``value_sources``) and the header's value when they differ.
+    """
+
+    series_instance_uid: str
+    injection_datetime: dt.datetime | None = None
+    injected_activity_mbq: float | None = None
+    acquisition_duration_s: float | None = None
+    camera_cps_per_mbq: float | None = None
+    decay_reference: str | None = None  # START or ADMIN: what CorrectedImage DECY refers to
+
+
+def _positive(value: str, what: str) -> float:
+    try:
+        v = float(value)
+    except ValueError:
+        raise IngestError(f"{what}: {value!r} is not a number") from None
+    if not (math.isfinite(v) and v > 0):
+        raise IngestError(f"{what}: {value!r} must be a positive number")
+    return v
+
+
+def read_spect_sheet(path: str | Path) -> dict[str, SpectSheetRow]:
+    """The SPECT sheet (TSV, one row per SPECT series; columns :data:`SPECT_SHEET_COLUMNS`, all but the
+    first optional), keyed by SeriesInstanceUID."""
+    path = Path(path)
+    try:
+        df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise IngestError(f"{path}: cannot read the SPECT sheet ({exc})") from exc
+    unknown = sorted(set(df.columns) - set(SPECT_SHEET_COLUMNS))
+    if unknown or "series_instance_uid" not in df.columns:
+        raise IngestError(f"{path}: SPECT sheet columns must be among {list(SPECT_SHEET_COLUMNS)} and include "
+                          f"series_instance_uid (unknown: {unknown})")
+    out: dict[str, SpectSheetRow] = {}
+    for n, row in enumerate(df.to_dict("records"), start=2):
+        where = f"{path} line {n}"
+        uid = str(row["series_instance_uid"]).strip()
+        if not uid or uid in out:
+            raise IngestError(f"{where}: series_instance_uid {'missing' if not uid else 'repeated: ' + uid}")
+        get = {k: str(row.get(k, "")).strip() for k in SPECT_SHEET_COLUMNS}
+        inj = None
+        if get["injection_datetime"]:
+            try:
+                inj = dt.datetime.fromisoformat(get["injection_datetime"]).replace(tzinfo=None)
+            except ValueError:
+                raise IngestError(f"{where}: injection_datetime {get['injection_datetime']!r} is not an ISO date-time "
+                                  f"(e.g. 2026-03-02T09:15:00)") from None
+        ref = get["decay_reference"].upper() or None
+        if ref not in (None, "START", "ADMIN"):
+            raise IngestError(f"{where}: decay_reference {ref!r} must be START or ADMIN")
+        out[uid] = SpectSheetRow(
+            uid, inj,
+            _positive(get["injected_activity_mbq"], f"{where} injected_activity_mbq") if get["injected_activity_mbq"] else None,
+            _positive(get["acquisition_duration_s"], f"{where} acquisition_duration_s") if get["acquisition_duration_s"] else None,
+            _positive(get["camera_cps_per_mbq"], f"{where} camera_cps_per_mbq") if get["camera_cps_per_mbq"] else None,
+            ref)
+    return out
+
+
 @dataclass(frozen=True)
 class PatientSheet:
     """What the DICOM headers cannot say (one row of the patient sheet)."""
@@ -76,9 +145,11 @@ class PatientSheet:
     treated_lobe: str | None = None
     camera_cps_per_mbq: float | None = None
     weight_kg: float | None = None
+    spect: Mapping[str, SpectSheetRow] = field(default_factory=dict)  #: per SPECT series (``spect_sheet`` column)
 
     @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> "PatientSheet":
+    def from_row(cls, row: Mapping[str, Any], base_dir: str | Path | None = None) -> "PatientSheet":
+        """One sheet row; ``base_dir``: folder that relative paths in it (``spect_sheet``) are relative to."""
         def opt(key: str) -> str | None:
             v = row.get(key)
             return None if v is None or (isinstance(v, float) and math.isnan(v)) or str(v).strip() == "" else str(v).strip()
@@ -87,9 +158,11 @@ class PatientSheet:
             v = opt(key)
             return None if v is None else float(v)
 
+        spect_sheet = opt("spect_sheet")
+        spect = read_spect_sheet(Path(base_dir or ".") / spect_sheet) if spect_sheet else {}
         return cls(patient=str(row["patient"]), design=opt("design"),
                    ia_pet_study_instance_uid=opt("ia_pet_study_instance_uid"), treated_lobe=opt("treated_lobe"),
-                   camera_cps_per_mbq=optf("camera_cps_per_mbq"), weight_kg=optf("weight_kg"))
+                   camera_cps_per_mbq=optf("camera_cps_per_mbq"), weight_kg=optf("weight_kg"), spect=spect)
 
     @classmethod
     def from_tsv(cls, path: str | Path, patient: str) -> "PatientSheet":
@@ -97,7 +170,7 @@ class PatientSheet:
         rows = df[df["patient"] == patient]
         if rows.empty:
             raise IngestError(f"{path}: no row for patient {patient!r}")
-        return cls.from_row(rows.iloc[0].to_dict())
+        return cls.from_row(rows.iloc[0].to_dict(), base_dir=Path(path).parent)
 
 
 @dataclass
@@ -108,13 +181,21 @@ class IngestConfig:
     camera_cps_per_mbq: float | None = None  # default when the sheet has none
     weight_fallback: str = "error"  # "error" or "sheet": use the sheet's weight only when the header has none
     spect_hours_rounding: float = 1.0  # hours after injection rounded to this for session names
+    spect_decay_reference: str | None = None  # START / ADMIN: what NM CorrectedImage DECY refers to, when unsaid
+    activity_tolerance: float = 0.1  # physical_bounds.activity_tolerance
+    fail_on_bounds: bool = False  # a physically impossible SPECT activity stops ingest (on_patient_error: fail)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None) -> "IngestConfig":
+    def from_dict(cls, d: Mapping[str, Any] | None, bounds: Mapping[str, Any] | None = None,
+                  fail_on_bounds: bool = False) -> "IngestConfig":
         d = dict(d or {})
+        ref = d.get("spect_decay_reference")
         return cls(roi_map=dict(d.get("roi_map", {}) or {}), camera_cps_per_mbq=d.get("camera_cps_per_mbq"),
                    weight_fallback=str(d.get("weight_fallback", "error")),
-                   spect_hours_rounding=float(d.get("spect_hours_rounding", 1.0)))
+                   spect_hours_rounding=float(d.get("spect_hours_rounding", 1.0)),
+                   spect_decay_reference=None if ref is None else str(ref).upper(),
+                   activity_tolerance=float((bounds or {}).get("activity_tolerance", 0.1)),
+                   fail_on_bounds=fail_on_bounds)
 
 
 # ----------------------------------------------------------------------------- indexing
@@ -199,6 +280,15 @@ def _injection(ds: pydicom.Dataset) -> dt.datetime | None:
         if t is not None and acq is not None and t > acq:
             t -= dt.timedelta(days=1)  # injected before midnight, scanned after
     return t
+
+
+def _spect_injection(rec: SeriesRecord, sheet: PatientSheet) -> tuple[dt.datetime | None, str]:
+    """Injection date-time of a SPECT series and where it came from: the SPECT sheet when it gives one
+    (e.g. GE StarGuide exports carry no usable administration time), else the header."""
+    row = sheet.spect.get(rec.uid)
+    if row is not None and row.injection_datetime is not None:
+        return row.injection_datetime, "sheet"
+    return _injection(rec.header), "header: RadiopharmaceuticalInformationSequence"
 
 
 def _route(ds: pydicom.Dataset) -> str | None:
@@ -297,11 +387,12 @@ def label_sessions(series: dict[str, SeriesRecord], sheet: PatientSheet, cfg: In
     injections: list[dt.datetime] = []
     spect_info = {}
     for s, recs in spect_studies.items():
-        inj = _injection(recs[0].header)
+        inj, _ = _spect_injection(recs[0], sheet)
         acq = _series_datetime(recs[0].header)
         if inj is None or acq is None:
             raise IngestError(f"SPECT series {recs[0].uid} ({recs[0].paths[0]}): injection or acquisition date/time "
-                              f"missing (RadiopharmaceuticalStartDateTime, SeriesDate/SeriesTime)")
+                              f"missing (RadiopharmaceuticalStartDateTime, SeriesDate/SeriesTime; the injection may "
+                              f"be given in the patient's SPECT sheet)")
         spect_info[s] = (inj, acq)
         if not any(abs((inj - i).total_seconds()) < 12 * 3600 for i in injections):
             injections.append(inj)
@@ -372,6 +463,7 @@ class _Ctx:
     rows: list[dict[str, Any]]
     grids: dict[str, Grid]  # series uid -> grid of written image
     mapper: RoiMapper
+    bounds: list[Violation] = field(default_factory=list)  # physically impossible values found
 
     def add(self, **kw: Any) -> None:
         row = {c: "" for c in INVENTORY_COLUMNS}
@@ -449,83 +541,145 @@ def _ingest_pet(ctx: _Ctx, rec: SeriesRecord, facts: dict[str, Any], sheet: Pati
     ctx.add(**_base_row(rec, facts), role="pet", units="Bq/mL", path=str(rel))
 
 
-def _acq_duration_s(ds: pydicom.Dataset, where: str) -> float:
-    rot = getattr(ds, "RotationInformationSequence", None)
-    if rot and "ActualFrameDuration" in rot[0] and "NumberOfFramesInRotation" in rot[0]:
-        return sum(float(r.ActualFrameDuration) / 1000.0 * int(r.NumberOfFramesInRotation) for r in rot)
-    if "ActualFrameDuration" in ds:
-        return float(ds.ActualFrameDuration) / 1000.0
-    raise IngestError(f"{where}: acquisition duration unknown (RotationInformationSequence ActualFrameDuration × "
-                      f"NumberOfFramesInRotation missing)")
-
-
-def _ingest_spect(ctx: _Ctx, rec: SeriesRecord, facts: dict[str, Any], sheet: PatientSheet, cfg: IngestConfig) -> None:
+def _spect_values(rec: SeriesRecord, row: SpectSheetRow | None, cfg: IngestConfig, notes: list[str],
+                  sources: dict[str, str]) -> tuple[np.ndarray, Grid, str, str, float | None]:
+    """Read a SPECT series: (values, grid, units BQML/CNTS, decay reference NONE/START/ADMIN, duration s or None)."""
+    where = f"{rec.paths[0]} (series {rec.uid})"
     ds = rec.header
-    notes: list[str] = []
-    inj = _injection(ds)
-    seq = getattr(ds, "RadiopharmaceuticalInformationSequence", None)
-    dose = float(seq[0].RadionuclideTotalDose) if seq and "RadionuclideTotalDose" in seq[0] else None
-    if dose is None:
-        raise IngestError(f"{rec.paths[0]} (series {rec.uid}): RadionuclideTotalDose missing")
-    try:
-        injected_bq, dose_note = total_dose_bq(dose)
-    except ValueError as exc:
-        raise IngestError(f"{rec.paths[0]} (series {rec.uid}): RadionuclideTotalDose {exc}") from exc
-    if dose_note:
-        notes.append(dose_note)
+    duration = None
     if rec.kind == "spect_nm":
         if len(rec.paths) != 1:
             raise IngestError(f"series {rec.uid}: {len(rec.paths)} NM files in one reconstruction series; expected one "
                               f"multi-frame object")
+        reference = (row.decay_reference if row is not None and row.decay_reference else None) or cfg.spect_decay_reference
         try:
-            nm = read_nm(rec.paths[0])
-        except (NMGeometryError, ValueError, EOFError, OSError) as exc:
+            nm = read_nm(rec.paths[0], decay_reference=reference)
+        except (NMGeometryError, NMValueError, ValueError, EOFError, OSError) as exc:
             raise IngestError(f"{rec.paths[0]} (series {rec.uid}): {exc}") from exc
-        img = nm.image
-        grid = Grid.of(img)
-        arr = sitk.GetArrayFromImage(img).astype(np.float64)
-        if nm.units == "CNTS":
-            cal = sheet.camera_cps_per_mbq or cfg.camera_cps_per_mbq
-            if cal is None:
-                raise IngestError(f"{rec.paths[0]} (series {rec.uid}): SPECT in counts but no camera calibration factor "
-                                  f"(camera_cps_per_mbq in the patient sheet or the config)")
-            duration = _acq_duration_s(ds, f"{rec.paths[0]} (series {rec.uid})")
-            arr = arr / (cal * duration) * 1e6 / grid.voxel_volume_ml
-            notes.append(f"counts → Bq/mL with {cal:g} cps/MBq, {duration:g} s, voxel {grid.voxel_volume_ml:.4f} mL")
-            units_in = "CNTS"
-        else:
-            units_in = "BQML"
+        notes.extend(nm.notes)
+        sources["values"] = f"header: {nm.mapping}"
+        sources["decay_correction"] = nm.decay_correction_source
+        grid = Grid.of(nm.image)
+        arr = sitk.GetArrayFromImage(nm.image)
+        units, dc = nm.units, nm.decay_correction
+        header_duration = acquisition_duration_s(ds)
     else:
         try:
             s = load_sliced_series(rec.paths, rec.uid)
         except SeriesError as exc:
             raise IngestError(str(exc)) from exc
-        units_in = str(getattr(ds, "Units", ""))
-        if units_in != "BQML":
-            raise IngestError(f"{rec.paths[0]} (series {rec.uid}): SPECT exported as PET with Units {units_in!r}; "
-                              f"only BQML is understood")
+        units = str(getattr(ds, "Units", "")).upper()
+        if units != "BQML":
+            raise IngestError(f"{where}: SPECT exported as PET with Units {units!r}; only BQML is understood")
+        dc = (str(getattr(ds, "DecayCorrection", "")) or "NONE").upper()
+        if dc not in ("NONE", "START", "ADMIN"):
+            raise IngestError(f"{where}: DecayCorrection {dc!r} not understood (NONE, START, ADMIN)")
         grid = s.grid
         arr = rescaled_volume(s)
-        dc = str(getattr(ds, "DecayCorrection", "NONE"))
-        if dc == "ADMIN":
-            acq = _series_datetime(ds)
-            if inj is None or acq is None:
-                raise IngestError(f"{rec.paths[0]}: DecayCorrection ADMIN but injection/acquisition time missing")
-            arr = arr * math.exp(-RADIONUCLIDES["Lu-177"].decay_constant_per_s * (acq - inj).total_seconds())
-            notes.append("decay correction to administration undone: values at acquisition start")
+        sources["values"] = "header: RescaleSlope/RescaleIntercept per slice, Units BQML"
+        sources["decay_correction"] = "header: DecayCorrection"
+        header_duration = (float(ds.ActualFrameDuration) / 1000.0, "header: ActualFrameDuration") if (
+            "ActualFrameDuration" in ds and float(ds.ActualFrameDuration) > 0) else None
+    if row is not None and row.acquisition_duration_s is not None:
+        duration = row.acquisition_duration_s
+        sources["acquisition_duration"] = "sheet"
+        if header_duration and abs(header_duration[0] - duration) > 0.01 * duration:
+            notes.append(f"acquisition duration {duration:g} s from the SPECT sheet; the header says "
+                         f"{header_duration[0]:g} s ({header_duration[1]})")
+    elif header_duration is not None:
+        duration, sources["acquisition_duration"] = header_duration
+    return np.asarray(arr, dtype=np.float64), grid, units, dc, duration
+
+
+def _ingest_spect(ctx: _Ctx, rec: SeriesRecord, facts: dict[str, Any], sheet: PatientSheet, cfg: IngestConfig) -> None:
+    """A 177Lu SPECT series → Bq/mL at acquisition start, with where every value came from.
+
+    Counts → Bq/mL: counts / (calibration cps/MBq × duration s) × 1e6 / voxel mL. Values not decay
+    corrected (and counts) are the mean over the acquisition: divided by the mean decay factor over it,
+    they refer to the acquisition start. ADMIN-corrected values are decayed back to the acquisition start.
+    """
+    ds = rec.header
+    where = f"{rec.paths[0]} (series {rec.uid})"
+    row = sheet.spect.get(rec.uid)
+    notes: list[str] = []
+    sources: dict[str, str] = {}
+    nuclide = RADIONUCLIDES["Lu-177"]
+    lam_s = nuclide.decay_constant_per_s
+    inj, sources["injection_datetime"] = _spect_injection(rec, sheet)
+    seq = getattr(ds, "RadiopharmaceuticalInformationSequence", None)
+    header_dose = seq[0].get("RadionuclideTotalDose") if seq else None
+    header_bq: float | None = None
+    if header_dose not in (None, ""):
+        try:
+            header_bq, dose_note = total_dose_bq(float(header_dose))
+        except ValueError as exc:
+            if row is None or row.injected_activity_mbq is None:
+                raise IngestError(f"{where}: RadionuclideTotalDose {exc}") from exc
+            dose_note = f"header RadionuclideTotalDose {header_dose!r} unusable ({exc})"
+        if dose_note:
+            notes.append(dose_note)
+    if row is not None and row.injected_activity_mbq is not None:
+        injected_bq = row.injected_activity_mbq * 1e6
+        sources["injected_activity"] = "sheet"
+        if header_bq is not None and abs(header_bq - injected_bq) > 0.01 * injected_bq:
+            notes.append(f"injected activity {row.injected_activity_mbq:g} MBq from the SPECT sheet; the header says "
+                         f"{header_bq / 1e6:g} MBq")
+    elif header_bq is not None:
+        injected_bq = header_bq
+        sources["injected_activity"] = "header: RadionuclideTotalDose"
+    else:
+        raise IngestError(f"{where}: RadionuclideTotalDose missing (give injected_activity_mbq in the patient's SPECT "
+                          f"sheet)")
+    arr, grid, units_in, dc, duration = _spect_values(rec, row, cfg, notes, sources)
+    acq = _series_datetime(ds)
+    cal = None
+    if units_in == "CNTS":
+        if row is not None and row.camera_cps_per_mbq is not None:
+            cal, sources["calibration"] = row.camera_cps_per_mbq, "SPECT sheet"
+        elif sheet.camera_cps_per_mbq is not None:
+            cal, sources["calibration"] = sheet.camera_cps_per_mbq, "patient sheet"
+        elif cfg.camera_cps_per_mbq is not None:
+            cal, sources["calibration"] = float(cfg.camera_cps_per_mbq), "config: ingest.camera_cps_per_mbq"
+        else:
+            raise IngestError(f"{where}: SPECT in counts but no camera calibration factor (camera_cps_per_mbq in the "
+                              f"patient sheet or the config)")
+        if duration is None:
+            raise IngestError(f"{where}: acquisition duration unknown (RotationInformationSequence ActualFrameDuration "
+                              f"× NumberOfFramesInRotation, ActualFrameDuration, ImageComments $ImagingDuration$ all "
+                              f"missing; give acquisition_duration_s in the patient's SPECT sheet)")
+    try:
+        arr, conv_notes = to_bqml_at_start(
+            arr, units_in, dc, voxel_ml=grid.voxel_volume_ml, decay_constant_per_s=lam_s, calibration_cps_per_mbq=cal,
+            duration_s=duration, seconds_injection_to_start=(acq - inj).total_seconds() if acq and inj else None)
+    except NMValueError as exc:
+        raise IngestError(f"{where}: {exc}") from exc
+    notes.extend(conv_notes)
+    # physical bound: no more activity in the field of view than was administered, decayed to the scan
+    fov_mbq = float(arr.sum()) * grid.voxel_volume_ml / 1e6
+    hours = facts.get("hours_pi")
+    bounds = check_activity(fov_mbq, injected_bq / 1e6, float(hours) if hours is not None else math.nan,
+                            lam_s * 3600.0, cfg.activity_tolerance, stage="ingest", region="field_of_view",
+                            where=rec.session, source=where)
+    ctx.bounds.extend(bounds)
+    for v in bounds:
+        log.warning("%s", v.message)
     rel = Path(rec.session) / "spect.nii.gz"
     side = {"modality": rec.modality, "units": "Bq/mL", "quantity": "activity concentration at acquisition start",
             "units_in_header": units_in, "radionuclide": "Lu-177",
-            "half_life_s": RADIONUCLIDES["Lu-177"].half_life_s, "injected_activity_bq": injected_bq,
+            "half_life_s": nuclide.half_life_s, "injected_activity_bq": injected_bq,
             "injection_datetime": inj.isoformat() if inj else None,
-            "acquisition_datetime": _iso(_series_datetime(ds)),
-            "decay_correction": "NONE", "cycle": facts.get("cycle"), "hours_pi": facts.get("hours_pi"),
+            "acquisition_datetime": _iso(acq), "acquisition_duration_s": duration,
+            "decay_correction": "NONE", "decay_correction_in_header": dc,
+            "field_of_view_activity_mbq": fov_mbq, "value_sources": sources,
+            "physical_bounds": [v.as_dict() for v in bounds],
+            "cycle": facts.get("cycle"), "hours_pi": facts.get("hours_pi"),
             "source_series_instance_uid": rec.uid, "study_instance_uid": rec.study_uid,
             "frame_of_reference_uid": rec.frame_uid, "scanner": _scanner(ds), "notes": notes,
             "prrtquant_version": __version__}
     _write_image(_image(arr, grid), ctx.out / rel, side)
     ctx.grids[rec.uid] = grid
-    ctx.add(**_base_row(rec, facts), role="spect", units="Bq/mL", path=str(rel))
+    ctx.add(**_base_row(rec, facts), role="spect", units="Bq/mL", path=str(rel),
+            note="; ".join(v.message for v in bounds))
 
 
 def _referenced_series_rtstruct(ds: pydicom.Dataset) -> str | None:
@@ -726,11 +880,15 @@ def ingest(dicom_dir: str | Path, out_dir: str | Path, sheet: PatientSheet, conf
                         study_instance_uid=rec.study_uid, note=rec.note)
         for p in nifti:
             _ingest_nifti(ctx, p, series)
+        if cfg.fail_on_bounds:
+            raise_if_any(ctx.bounds, f"{root}")
         inv = pd.DataFrame(ctx.rows, columns=INVENTORY_COLUMNS)
         inv.to_csv(tmp / "inventory.tsv", sep="\t", index=False)
         (tmp / "sessions.json").write_text(json.dumps({"patient": sheet.patient, "design": sheet.design,
                                                         "treated_lobe": sheet.treated_lobe, "sessions": facts,
-                                                        "ignored_files": len(other)}, indent=1, default=str))
+                                                        "ignored_files": len(other),
+                                                        "physical_bounds": [v.as_dict() for v in ctx.bounds]},
+                                                       indent=1, default=str))
     log.info("%s: %d sessions, %d files written, %d non-DICOM files ignored", sheet.patient, len(facts),
              int((inv["path"] != "").sum()), len(other))
     return inv

@@ -36,13 +36,14 @@ import SimpleITK as sitk
 
 from . import __version__
 from .io import atomic_directory, json_ready
+from .bounds import BoundsSettings, Violation, check_activity, flags_by_key, raise_if_any
+from .regions import RegionSettings, session_regions
 from .quantify import (
     EmptyRegionError,
     QuantifyError,
     assign_lobe,
     eligibility,
     enhancement_ratios,
-    healthy_liver_mask,
     lobe_tn,
     region_stats,
     retreatment_fraction,
@@ -84,6 +85,11 @@ class QuantifySettings:
             raise ValueError(f"quantify.max_lesions must be >= 1, got {self.max_lesions}")
         if not (self.liver_margin_mm >= 0):
             raise ValueError(f"quantify.liver_margin_mm must be >= 0, got {self.liver_margin_mm}")
+
+    @property
+    def regions(self) -> RegionSettings:
+        """The region definition (mask kind, healthy-liver margin) shared with dosimetry."""
+        return RegionSettings(mask_kind=self.mask_kind, liver_margin_mm=self.liver_margin_mm)
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | None) -> "QuantifySettings":
@@ -127,29 +133,16 @@ class _Patient:
         side = json.loads(path.with_name(path.name.replace(".nii.gz", ".json")).read_text())
         return sitk.ReadImage(str(path), sitk.sitkFloat64), side
 
-    def masks(self, session: str, kind: str) -> dict[str, sitk.Image]:
-        t = self.mask_table
-        rows = t[(t.session == session) & (t.kind == kind)]
-        return {r.roi: sitk.ReadImage(str(self.reg / r.path)) for r in rows.itertuples()}
-
     def spect_sessions(self) -> list[tuple[str, dict[str, Any]]]:
         out = [(s, d) for s, d in self.sessions.get("sessions", {}).items() if s.startswith("spect_")]
         return sorted(out, key=lambda kv: (int(kv[1].get("cycle") or 0), float(kv[1].get("hours_pi") or 0.0)))
 
 
-def _session_masks(pt: _Patient, session: str, margin_mm: float) -> tuple[dict[str, sitk.Image],
-                                                                          dict[str, sitk.Image]]:
-    """(masks used for means, binary masks) of one emission session, with healthy-liver masks added."""
-    binary = pt.masks(session, "binary")
-    means = binary if pt.mask_kind == "binary" else pt.masks(session, "fractional")
-    lesion_masks = [binary[l] for l in pt.lesions if l in binary]
-    for whole, healthy in (("liver", "healthy_liver"), ("liver_left", "healthy_liver_left"),
-                           ("liver_right", "healthy_liver_right")):
-        if whole in binary:
-            binary[healthy] = healthy_liver_mask(binary[whole], lesion_masks, margin_mm)
-            if means is not binary:
-                means[healthy] = healthy_liver_mask(means[whole], lesion_masks, margin_mm)
-    return means, binary
+def _session_masks(pt: _Patient, session: str, s: "QuantifySettings") -> tuple[dict[str, sitk.Image],
+                                                                            dict[str, sitk.Image]]:
+    """(masks used for means, binary masks) of one emission session, healthy liver included
+    (:func:`prrtquant.regions.session_regions`, the definition dosimetry uses too)."""
+    return session_regions(pt.reg, pt.mask_table, session, s.regions, pt.lesions)
 
 
 def _stats(image: sitk.Image, mask: sitk.Image) -> dict[str, float] | None:
@@ -171,7 +164,7 @@ def _pet_part(pt: _Patient, s: QuantifySettings, notes: list[str]) -> dict[str, 
             continue
         bq, side = pet
         suv = bq * float(side["suv_bw_factor"])
-        means, binary = _session_masks(pt, session, s.liver_margin_mm)
+        means, binary = _session_masks(pt, session, s)
         per: dict[str, dict[str, float]] = {}
         for roi in [*pt.lesions, *pt.extra, *ORGANS, "healthy_liver"]:
             if roi not in means:
@@ -250,7 +243,8 @@ def _organ_table(pt: _Patient, stats: Mapping[str, Mapping[str, Mapping[str, flo
 # ----------------------------------------------------------------------------------------- SPECT
 
 def _spect_part(pt: _Patient, s: QuantifySettings, lobes: Mapping[str, tuple[str, float]], design: str,
-                treated: str | None, notes: list[str]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+                treated: str | None, notes: list[str], bounds: BoundsSettings, violations: list[Violation]
+                ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     regions = [*pt.lesions, *pt.extra, *ORGANS, "liver", "liver_left", "liver_right", "healthy_liver",
                "healthy_liver_left", "healthy_liver_right"]
     cycle_rows: list[dict[str, Any]] = []
@@ -269,7 +263,7 @@ def _spect_part(pt: _Patient, s: QuantifySettings, lobes: Mapping[str, tuple[str
         if session not in set(pt.mask_table.session):
             notes.append(f"{session}: no propagated masks (registration failed or skipped): not quantified")
             continue
-        means, _ = _session_masks(pt, session, s.liver_margin_mm)
+        means, _ = _session_masks(pt, session, s)
         a0 = float(side.get("injected_activity_bq") or math.nan)
         hours = float(info.get("hours_pi") or side.get("hours_pi") or math.nan)
         lam = math.log(2.0) / float(side["half_life_s"]) * 3600.0 if side.get("half_life_s") else math.nan
@@ -286,11 +280,16 @@ def _spect_part(pt: _Patient, s: QuantifySettings, lobes: Mapping[str, tuple[str
             activity_mbq = st["integral"] / 1e6
             pct = 100.0 * activity_mbq * 1e6 / a0 if a0 > 0 else math.nan
             per[roi] = {**st, "activity_mbq": activity_mbq}
+            found = check_activity(activity_mbq, a0 / 1e6, hours, lam, bounds.activity_tolerance, stage="quantify",
+                                   region=roi, where=session,
+                                   source=f"series {side.get('source_series_instance_uid', '?')}")
+            violations.extend(found)
             cycle_rows.append({"cycle": cycle, "route": route, "session": session, "hours_pi": hours,
                                "nominal_hours_pi": nominal, "region": roi, "bqml_mean": st["mean"],
                                "bqml_max": st["max"], "volume_ml": st["volume_ml"], "activity_mbq": activity_mbq,
                                "pct_ia": pct, "pct_ia_decay_corrected": pct * math.exp(lam * hours),
-                               "injected_activity_mbq": a0 / 1e6})
+                               "injected_activity_mbq": a0 / 1e6,
+                               "bounds_flag": flags_by_key(found, lambda v: 0).get(0, "")})
         if not lobar:
             continue
         kid = [per[k]["activity_mbq"] for k in ("kidney_left", "kidney_right") if k in per]
@@ -337,7 +336,8 @@ def _spect_part(pt: _Patient, s: QuantifySettings, lobes: Mapping[str, tuple[str
                                     "role": role, "lesion": les, "bqml_mean": per[les]["mean"], "tn": tn})
     cycles = pd.DataFrame(cycle_rows, columns=["cycle", "route", "session", "hours_pi", "nominal_hours_pi",
                                                "region", "bqml_mean", "bqml_max", "volume_ml", "activity_mbq",
-                                               "pct_ia", "pct_ia_decay_corrected", "injected_activity_mbq"])
+                                               "pct_ia", "pct_ia_decay_corrected", "injected_activity_mbq",
+                                               "bounds_flag"])
     lobe_table = pd.DataFrame(lobe_rows, columns=LOBE_COLUMNS).rename(
         columns={"t_bqml": "t_bqml_per_ml", "n_bqml": "n_bqml_per_ml"})
     lesion_table = pd.DataFrame(lesion_rows, columns=["cycle", "session", "hours_pi", "lobe", "role", "lesion",
@@ -348,9 +348,18 @@ def _spect_part(pt: _Patient, s: QuantifySettings, lobes: Mapping[str, tuple[str
 # ----------------------------------------------------------------------------------------- stage
 
 def quantify_patient(ingest_dir: str | Path, register_dir: str | Path, out_dir: str | Path,
-                     settings: QuantifySettings | None = None) -> dict[str, Any]:
-    """Compute every endpoint of one patient; return the content of ``eligibility.json``."""
+                     settings: QuantifySettings | None = None, bounds: BoundsSettings | None = None,
+                     fail_on_bounds: bool = False) -> dict[str, Any]:
+    """Compute every endpoint of one patient; return the content of ``eligibility.json``.
+
+    ``bounds``: physical plausibility (:mod:`prrtquant.bounds`) of every SPECT activity; a violation is
+    written into ``cycles.tsv`` (``bounds_flag``) and ``quantify.json`` (``physical_bounds``, with the
+    ingest's), or, with ``fail_on_bounds``, raises :class:`prrtquant.bounds.PhysicalBoundsError` and
+    nothing is written.
+    """
     s = settings or QuantifySettings()
+    bounds = bounds or BoundsSettings()
+    violations: list[Violation] = []
     pt = _Patient(Path(ingest_dir), Path(register_dir), s.mask_kind)
     design = str(pt.sessions.get("design") or "")
     treated = str(pt.sessions.get("treated_lobe") or "") or None
@@ -388,7 +397,12 @@ def quantify_patient(ingest_dir: str | Path, register_dir: str | Path, out_dir: 
                        "ratio_to_healthy_liver_iv": (iv[e]["suvmean"] / liver_iv
                                                      if e in iv and liver_iv > 0 else math.nan)}
                    for e in pt.extra}
-    cycles, lobe_table, lobe_lesions = _spect_part(pt, s, lobes, design, treated, notes)
+    cycles, lobe_table, lobe_lesions = _spect_part(pt, s, lobes, design, treated, notes, bounds, violations)
+    if fail_on_bounds:
+        raise_if_any(violations, f"{register_dir}")
+    upstream = list(pt.sessions.get("physical_bounds") or [])
+    for v in violations:
+        log.warning("%s", v.message)
     if design != "lobar_ia":
         notes.append(f"design {design or 'unknown'}: no treated/control lobes, lobes.tsv is empty")
     summary = {"patient": pt.sessions.get("patient"), "design": design, "treated_lobe": treated,
@@ -398,6 +412,8 @@ def quantify_patient(ingest_dir: str | Path, register_dir: str | Path, out_dir: 
                                         e for e, v in extra_check.items()
                                         if math.isfinite(v["ratio_to_healthy_liver_iv"])
                                         and v["ratio_to_healthy_liver_iv"] >= s.sstr_threshold)},
+               "physical_bounds": upstream + [v.as_dict() for v in violations],
+               "physical_bounds_flagged": bool(upstream or violations),
                "notes": notes, "prrtquant_version": __version__}
     elig["notes"] = notes
     for n in notes:

@@ -49,6 +49,12 @@ rule cohort:
             category="Cohort",
         ),
         summary=f"{RESULTS}/cohort/summary.json",
+        bounds=f"{RESULTS}/cohort/physical_bounds.tsv",
+        bounds_html=report(
+            f"{RESULTS}/cohort/physical_bounds.html",
+            caption="../report/physical_bounds.rst",
+            category="Cohort",
+        ),
         er_plot=report(
             f"{RESULTS}/cohort/plots/er_distribution.png",
             caption="../report/er_distribution.rst",

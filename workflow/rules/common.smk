@@ -2,14 +2,18 @@
 import os
 import pandas as pd
 from snakemake.utils import validate
+from prrtquant.config import CONFIG_SCHEMA, PATIENTS_SCHEMA, coerce_command_line_values, stage_config
 
 
-validate(config, schema="../schemas/config.schema.yaml")
+# the schemas ship with the package, so the workflow and `prrtquant <stage> --config` validate alike;
+# nested `--config section="{key: 4.5}"` values arrive untyped from Snakemake and get their schema types first
+coerce_command_line_values(config)
+validate(config, schema=str(CONFIG_SCHEMA))
 
 PATIENTS = pd.read_csv(config["patients"], sep="\t", dtype=str, keep_default_na=False).set_index(
     "patient", drop=False
 )
-validate(PATIENTS, schema="../schemas/patients.schema.yaml")
+validate(PATIENTS, schema=str(PATIENTS_SCHEMA))
 
 RESULTS = config["results"]
 SHEET_DIR = Path(config["patients"]).parent

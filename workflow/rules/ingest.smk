@@ -6,7 +6,8 @@ rule ingest:
     output:
         directory(f"{RESULTS}/{{patient}}/ingest"),
     params:
-        config_file=lambda wildcards: workflow.configfiles[-1] if workflow.configfiles else "",
+        # the validated config (overrides and schema defaults included): a change reruns the job
+        config=stage_config(config, "ingest", "physical_bounds"),
         on_error=config["on_patient_error"],
     log:
         f"{RESULTS}/logs/ingest/{{patient}}.log",

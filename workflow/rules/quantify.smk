@@ -12,7 +12,8 @@ rule quantify:
             subcategory="{patient}",
         ),
     params:
-        config_file=lambda wildcards: workflow.configfiles[-1] if workflow.configfiles else "",
+        # the validated config (overrides and schema defaults included): a change reruns the job
+        config=stage_config(config, "quantify", "physical_bounds"),
         on_error=config["on_patient_error"],
     log:
         f"{RESULTS}/logs/quantify/{{patient}}.log",

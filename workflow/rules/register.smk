@@ -11,7 +11,8 @@ rule register:
             subcategory="{patient}",
         ),
     params:
-        config_file=lambda wildcards: workflow.configfiles[-1] if workflow.configfiles else "",
+        # the validated config (overrides and schema defaults included): a change reruns the job
+        config=stage_config(config, "registration"),
         on_error=config["on_patient_error"],
     log:
         f"{RESULTS}/logs/register/{{patient}}.log",

@@ -248,16 +248,35 @@ def write_pet(out_dir: Path, patient: PatientInfo, s: SeriesInfo, grid: Grid, bq
     return written, stored_vals
 
 
+#: how an NM reconstruction stores its values, as consoles do (see docs/nm_values.md)
+NM_STORAGE_MODES = ("counts", "counts_scaled", "bqml_rwv", "bqml_rescale", "bqml_rwv_rescale", "starguide")
+
+
 def write_nm(out_dir: Path, patient: PatientInfo, s: SeriesInfo, grid: Grid, values: Array, e: EmissionInfo,
              units: str, n_views: int, view_duration_s: float, negative_spacing: bool = False,
-             bqml_slope: float | None = None) -> Dataset:
+             bqml_slope: float | None = None, storage: str | None = None) -> Dataset:
     """NM Image Storage multi-frame reconstruction (RECON TOMO).
 
-    ``units`` "CNTS": ``values`` are reconstructed counts, stored as integers. "BQML": values in
-    Bq/mL stored through a Real World Value Mapping (slope ``bqml_slope``). Geometry is in the
-    Detector Information Sequence; with ``negative_spacing`` the frames run from the most superior
-    slice downwards and SpacingBetweenSlices is negative (frame k at IPP + k·SBS·(row × col)).
+    ``values`` are counts (``units`` "CNTS") or Bq/mL ("BQML"). ``storage`` (default: ``counts`` for
+    CNTS, ``bqml_rwv`` for BQML) is how they are written:
+
+    * ``counts``: integer counts, no rescale, no Units (GE Xeleris, Siemens Flash3D style);
+    * ``counts_scaled``: real-valued counts scaled into uint16 with RescaleSlope ≠ 1, Units CNTS;
+    * ``bqml_rwv``: Bq/mL through a Real World Value Mapping (slope ``bqml_slope``), nothing else;
+    * ``bqml_rescale``: Bq/mL as RescaleSlope with Units BQML, no mapping (GE Q.Metrix / Hermes style);
+    * ``bqml_rwv_rescale``: both, agreeing (Siemens xSPECT Quant style);
+    * ``starguide``: integer counts as GE StarGuide exports them: the acquisition time only in
+      ImageComments (``$ImagingDuration$<ms>$``), no ActualFrameDuration, and no administered activity
+      or injection time in the Radiopharmaceutical Information Sequence (they go in the SPECT sheet).
+
+    Geometry is in the Detector Information Sequence; with ``negative_spacing`` the frames run from the
+    most superior slice downwards and SpacingBetweenSlices is negative (frame k at IPP + k·SBS·(row × col)).
     """
+    storage = storage or ("counts" if units == "CNTS" else "bqml_rwv")
+    if storage not in NM_STORAGE_MODES:
+        raise ValueError(f"unknown NM storage {storage!r}; known: {NM_STORAGE_MODES}")
+    if (units == "CNTS") != (storage in ("counts", "counts_scaled", "starguide")):
+        raise ValueError(f"NM storage {storage!r} does not hold {units}")
     out_dir.mkdir(parents=True, exist_ok=True)
     nz = grid.size[2]
     order = list(range(nz - 1, -1, -1)) if negative_spacing else list(range(nz))
@@ -310,28 +329,41 @@ def write_nm(out_dir: Path, patient: PatientInfo, s: SeriesInfo, grid: Grid, val
     ds.CorrectedImage = ["ATTN", "SCAT", "UNIF"]
     ds.ReconstructionMethod = "OSEM 4i10s CT-AC SC RR"
     vol = values[order]
-    if units == "CNTS":
+    if storage in ("counts", "starguide"):
         q = np.clip(np.rint(vol), 0, 65535).astype(np.uint16)
         if float(vol.max()) > 65535:
             raise ValueError(f"SPECT counts overflow uint16 (max {vol.max():.0f}); lower the acquisition time")
-    elif units == "BQML":
-        assert bqml_slope is not None
-        q = np.clip(np.rint(vol / bqml_slope), 0, 65535).astype(np.uint16)
-        rwv = Dataset()
-        rwv.LUTLabel = "BQML"
-        rwv.LUTExplanation = "Activity concentration"
-        rwv.RealWorldValueFirstValueMapped = 0
-        rwv.RealWorldValueLastValueMapped = 65535
-        rwv.RealWorldValueIntercept = 0.0
-        rwv.RealWorldValueSlope = float(bqml_slope)
-        unit = Dataset()
-        unit.CodeValue = "Bq/ml"
-        unit.CodingSchemeDesignator = "UCUM"
-        unit.CodeMeaning = "becquerels/milliliter"
-        rwv.MeasurementUnitsCodeSequence = DicomSequence([unit])
-        ds.RealWorldValueMappingSequence = DicomSequence([rwv])
     else:
-        raise ValueError(f"unknown NM units {units!r}")
+        slope = float(bqml_slope) if bqml_slope is not None else float(f"{max(float(vol.max()), 1e-9) / 60000.0:.8g}")
+        q = np.clip(np.rint(vol / slope), 0, 65535).astype(np.uint16)
+        if storage in ("counts_scaled", "bqml_rescale", "bqml_rwv_rescale"):
+            ds.RescaleSlope = f"{slope:.10g}"
+            ds.RescaleIntercept = "0"
+            ds.Units = "CNTS" if storage == "counts_scaled" else "BQML"
+        if storage in ("bqml_rwv", "bqml_rwv_rescale"):
+            rwv = Dataset()
+            rwv.LUTLabel = "BQML"
+            rwv.LUTExplanation = "Activity concentration"
+            rwv.RealWorldValueFirstValueMapped = 0
+            rwv.RealWorldValueLastValueMapped = 65535
+            rwv.RealWorldValueIntercept = 0.0
+            rwv.RealWorldValueSlope = slope
+            unit = Dataset()
+            unit.CodeValue = "Bq/ml"
+            unit.CodingSchemeDesignator = "UCUM"
+            unit.CodeMeaning = "becquerels/milliliter"
+            rwv.MeasurementUnitsCodeSequence = DicomSequence([unit])
+            ds.RealWorldValueMappingSequence = DicomSequence([rwv])
+    if storage == "starguide":
+        ds.Manufacturer = "GE MEDICAL SYSTEMS"
+        ds.ManufacturerModelName = "StarGuide"
+        for r in ds.RotationInformationSequence:
+            del r.ActualFrameDuration
+        ds.ImageComments = f"Q.Volumetrix$ImagingDuration${int(round(n_views * view_duration_s * 1000))}$"
+        item = ds.RadiopharmaceuticalInformationSequence[0]
+        for kw in ("RadionuclideTotalDose", "RadiopharmaceuticalStartTime", "RadiopharmaceuticalStartDateTime"):
+            if kw in item:
+                delattr(item, kw)
     _pixels(ds, q, signed=False)
     ds.save_as(out_dir / "IM00001", enforce_file_format=True)
     return ds

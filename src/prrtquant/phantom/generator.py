@@ -28,6 +28,7 @@ import SimpleITK as sitk
 from .. import __version__
 from ..geometry import Grid, Rigid
 from ..io import atomic_directory
+from ..nm import decay_factor_during_acquisition
 from ..radionuclides import GA68, LU177
 from . import physics
 from .anatomy import Anatomy, Deformation, build_anatomy, healthy_rois, iter_rois
@@ -48,7 +49,12 @@ from .dicom_export import (
 
 Design = Literal["whole_liver_ia", "lobar_ia"]
 Size = Literal["tiny", "small", "clinical"]
-SpectFormat = Literal["nm_counts", "nm_bqml", "pt_bqml"]
+SpectFormat = Literal["nm_counts", "nm_counts_scaled", "nm_bqml", "nm_bqml_rescale", "nm_bqml_rwv_rescale",
+                      "nm_starguide", "pt_bqml"]
+#: NM storage of each SPECT format (see :func:`prrtquant.phantom.dicom_export.write_nm`)
+NM_STORAGE = {"nm_counts": "counts", "nm_counts_scaled": "counts_scaled", "nm_bqml": "bqml_rwv",
+              "nm_bqml_rescale": "bqml_rescale", "nm_bqml_rwv_rescale": "bqml_rwv_rescale",
+              "nm_starguide": "starguide"}
 
 
 # --------------------------------------------------------------------------- sizes
@@ -530,6 +536,12 @@ def _generate(out: Path, opt: PhantomOptions) -> dict[str, Any]:
     truth = _truth(opt, anat, acts, sessions, session_truth, volumes, patient, pseudonym, weight_g, ref)
     (out / "truth.json").write_text(json.dumps(truth, indent=1, sort_keys=False))
     sheet = _sheet(opt, acts, sessions, session_truth, pseudonym)
+    if opt.spect_format == "nm_starguide":  # what the headers lack goes in the SPECT sheet, as a site would do
+        rows = [(v["spect"]["series_instance_uid"], v["injection_datetime"], f"{v['injected_activity_bq'] / 1e6:.6g}")
+                for v in session_truth.values() if "spect" in v]
+        (out / "spect_sheet.tsv").write_text("series_instance_uid\tinjection_datetime\tinjected_activity_mbq\n"
+                                             + "".join("\t".join(r) + "\n" for r in rows))
+        sheet["spect_sheet"] = "spect_sheet.tsv"
     (out / "sheet.json").write_text(json.dumps(sheet, indent=1))
     return truth
 
@@ -646,18 +658,30 @@ def _spect_session(s: Session, e_info: SeriesInfo, anat: Anatomy, acts: dict[str
     counts_per_bqml = vvox * 1e-6 * opt.camera_cps_per_mbq * duration_s
     e = EmissionInfo(LU177, "Lu-177 DOTATATE", "Intravenous" if s.route == "IV" else "Intra-arterial",
                      s.injection, s.injected_bq, frame_duration_s=duration_s)
-    if opt.spect_format == "nm_counts":
-        write_nm(d, patient, e_info, s.em_grid, bq * counts_per_bqml, e, "CNTS", n_views, view_s,
-                 opt.nm_negative_spacing)
-        stored = np.rint(bq * counts_per_bqml) / counts_per_bqml
+    # an acquisition that is not decay corrected records the mean over its duration: f × the value at its start
+    f = decay_factor_during_acquisition(LU177.decay_constant_per_s, duration_s)
+    storage = NM_STORAGE.get(opt.spect_format)
+    if storage in ("counts", "starguide"):
+        write_nm(d, patient, e_info, s.em_grid, bq * f * counts_per_bqml, e, "CNTS", n_views, view_s,
+                 opt.nm_negative_spacing, storage=storage)
+        stored = np.rint(bq * f * counts_per_bqml) / counts_per_bqml / f
         units = "CNTS"
-    elif opt.spect_format == "nm_bqml":
-        slope = float(f"{bq.max() / 60000.0:.8g}")
-        write_nm(d, patient, e_info, s.em_grid, bq, e, "BQML", n_views, view_s, opt.nm_negative_spacing, slope)
-        stored = np.rint(bq / slope) * slope
+    elif storage == "counts_scaled":
+        counts = bq * f * counts_per_bqml
+        slope = float(f"{counts.max() / 60000.0:.8g}")
+        write_nm(d, patient, e_info, s.em_grid, counts, e, "CNTS", n_views, view_s, opt.nm_negative_spacing, slope,
+                 storage=storage)
+        stored = np.rint(counts / slope) * slope / counts_per_bqml / f
+        units = "CNTS"
+    elif storage is not None:
+        slope = float(f"{bq.max() * f / 60000.0:.8g}")
+        write_nm(d, patient, e_info, s.em_grid, bq * f, e, "BQML", n_views, view_s, opt.nm_negative_spacing, slope,
+                 storage=storage)
+        stored = np.rint(bq * f / slope) * slope / f
         units = "BQML"
     else:
-        _, stored = write_pet(d, patient, e_info, s.em_grid, bq, e, decay_correction="NONE")
+        _, stored = write_pet(d, patient, e_info, s.em_grid, bq * f, e, decay_correction="NONE")
+        stored = stored / f
         units = "BQML"
     labels = anat.label_grid(s.em_grid, s.emission_pose, s.deformation)
     masks = _exact_masks(anat, labels)

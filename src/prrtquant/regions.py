@@ -1,0 +1,81 @@
+"""One definition of the regions measured on an emission grid, shared by quantification and dosimetry.
+
+The registration stage carries every reference mask onto each PET/SPECT grid (``masks.tsv``: session,
+roi, kind ``binary`` / ``fractional``, path). On top of those, the healthy liver (whole and per lobe)
+is the liver minus the *binary* target-lesion masks dilated by ``liver_margin_mm``. Both stages build
+their regions here, from the same settings (config section ``quantify``: ``mask_kind`` and
+``liver_margin_mm``), so the same region at the same time point holds the same voxels, and therefore
+the same activity, in ``cycles.tsv`` and in the dosimetry's ``tac.tsv``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import pandas as pd
+import SimpleITK as sitk
+
+from .quantify import healthy_liver_mask
+
+__all__ = ["RegionSettings", "HEALTHY_LIVER", "lesion_names", "read_session_masks", "session_regions"]
+
+#: whole organ → its healthy part (lesions removed)
+HEALTHY_LIVER = (("liver", "healthy_liver"), ("liver_left", "healthy_liver_left"),
+                 ("liver_right", "healthy_liver_right"))
+
+
+@dataclass(frozen=True)
+class RegionSettings:
+    """How regions are defined on an emission grid (config ``quantify.mask_kind``, ``quantify.liver_margin_mm``)."""
+
+    mask_kind: str = "binary"      #: masks for means and activities: binary or fractional (partial volume)
+    liver_margin_mm: float = 0.0   #: healthy liver = liver minus the lesions dilated by this (mm)
+
+    def __post_init__(self) -> None:
+        if self.mask_kind not in ("binary", "fractional"):
+            raise ValueError(f"quantify.mask_kind must be binary or fractional, got {self.mask_kind!r}")
+        if not (self.liver_margin_mm >= 0):
+            raise ValueError(f"quantify.liver_margin_mm must be >= 0, got {self.liver_margin_mm}")
+
+    @classmethod
+    def from_config(cls, quantify: Mapping[str, Any] | None) -> "RegionSettings":
+        q = dict(quantify or {})
+        return cls(mask_kind=str(q.get("mask_kind", "binary")), liver_margin_mm=float(q.get("liver_margin_mm", 0.0)))
+
+
+def _number(name: str) -> int:
+    tail = name.rsplit("_", 1)[-1]
+    return int(tail) if tail.isdigit() else 10**6
+
+
+def lesion_names(rois: Any) -> list[str]:
+    """Target lesions (``lesion_N``) among ROI names, in reading order (N ascending)."""
+    return sorted((r for r in rois if str(r).startswith("lesion_")), key=_number)
+
+
+def read_session_masks(register_dir: Path, table: pd.DataFrame, session: str, kind: str) -> dict[str, sitk.Image]:
+    """The propagated masks of one session and kind, from the registration's ``masks.tsv``."""
+    rows = table[(table.session == session) & (table.kind == kind)]
+    return {r.roi: sitk.ReadImage(str(Path(register_dir) / r.path)) for r in rows.itertuples()}
+
+
+def session_regions(register_dir: Path, table: pd.DataFrame, session: str, settings: RegionSettings,
+                    lesions: list[str] | None = None) -> tuple[dict[str, sitk.Image], dict[str, sitk.Image]]:
+    """(masks for means and activities, binary masks) of one session, healthy liver included.
+
+    ``lesions``: the lesions removed from the liver (default: every ``lesion_N`` on the grid); their
+    binary masks are used in both kinds, so the healthy liver never keeps part of a lesion.
+    """
+    binary = read_session_masks(register_dir, table, session, "binary")
+    means = binary if settings.mask_kind == "binary" else read_session_masks(register_dir, table, session,
+                                                                            "fractional")
+    names = lesion_names(binary) if lesions is None else lesions
+    lesion_masks = [binary[les] for les in names if les in binary]
+    for whole, healthy in HEALTHY_LIVER:
+        if whole in binary:
+            binary[healthy] = healthy_liver_mask(binary[whole], lesion_masks, settings.liver_margin_mm)
+            if means is not binary and whole in means:
+                means[healthy] = healthy_liver_mask(means[whole], lesion_masks, settings.liver_margin_mm)
+    return means, binary
