@@ -6,7 +6,7 @@ PRRTQUANT=${PRRTQUANT:-prrtquant}
 rm -rf P01 P02 P03
 $PRRTQUANT phantom --out P01 --pseudonym P01 --design whole_liver_ia --size tiny --seed 101 --mean-er 4.0 --n-lesions 4
 $PRRTQUANT phantom --out P02 --pseudonym P02 --design whole_liver_ia --size tiny --seed 102 --mean-er 2.0 --n-lesions 3 \
-    --messy-names --nm-negative-spacing
+    --messy-names --nm-negative-spacing --spect-format nm_counts_scaled
 $PRRTQUANT phantom --out P03 --pseudonym P03 --design lobar_ia --size tiny --seed 103 --n-lesions 5 --treated-lobe right \
     --mr --spect-format nm_counts
 # the cohort sheet, from each patient's sheet.json (facts the headers cannot say; no identifiers)
