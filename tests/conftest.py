@@ -1,4 +1,5 @@
-"""Shared fixtures: the bundled synthetic cohort and readers that do not use prrtquant's writers."""
+"""Shared fixtures: the bundled synthetic cohort, the external reference data (unpacked from
+tests/data/external) and readers that do not use prrtquant's writers."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import SimpleITK as sitk
 ROOT = Path(__file__).resolve().parents[1]
 TEST_DATA = ROOT / "test_data"
 COHORT = ["P01", "P02", "P03"]
-EXTERNAL = Path(__file__).resolve().parent / "data" / "external"  # third-party reference data, see its README.md
+EXTERNAL = Path(__file__).resolve().parent / "data" / "external"  # third-party data, see its README.md
 
 
 @pytest.fixture(scope="session")
@@ -26,7 +27,8 @@ def unpack_external(archive: Path, dest: Path) -> Path:
     """Unpack one of the ``tests/data/external`` archives into ``dest`` (refusing links and absolute or
     escaping member paths) and return ``dest``."""
     if not archive.is_file():
-        pytest.fail(f"external test data missing: {archive} (see tests/data/external/README.md)", pytrace=False)
+        pytest.fail(f"external test data missing: {archive} (see tests/data/external/README.md)",
+                    pytrace=False)
     with tarfile.open(archive, "r:xz") as tar:
         for m in tar.getmembers():
             if not (m.isfile() or m.isdir()) or m.name.startswith("/") or ".." in Path(m.name).parts:
@@ -50,7 +52,8 @@ def dcmqi_ct_seg(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The dcmqi CT slices and DICOM-SEG samples (QIICR/dcmqi data/segmentations, BSD-3-Clause), unpacked
     once per session; holds ``ct-3slice/``, ``liver.dcm``, ``partial_overlaps.dcm``, label maps, ``23x38x3/``,
     ``24x38x3/``."""
-    return unpack_external(EXTERNAL / "dcmqi_ct_seg" / "dcmqi_ct_seg.tar.xz", tmp_path_factory.mktemp("dcmqi_ct_seg"))
+    return unpack_external(EXTERNAL / "dcmqi_ct_seg" / "dcmqi_ct_seg.tar.xz",
+                           tmp_path_factory.mktemp("dcmqi_ct_seg"))
 
 
 def load_truth(patient: str) -> dict:

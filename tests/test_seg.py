@@ -1,7 +1,8 @@
 """DICOM SEG decoding (prrtquant.seg) against real SEGs from dcmqi and a synthetic FRACTIONAL SEG.
 
 Real data: dcmqi's data/segmentations samples (QIICR/dcmqi, BSD-3-Clause), bundled in
-tests/data/external/dcmqi_ct_seg (see its README.md) and unpacked by the ``dcmqi_ct_seg`` fixture of conftest.py.
+tests/data/external/dcmqi_ct_seg (see its README.md) and unpacked by the ``dcmqi_ct_seg`` fixture of
+conftest.py.
 The reference grids are built here from the DICOM headers with pydicom only (slices sorted by their
 position along the slice normal), and the label maps are read with SimpleITK, so neither side of a
 comparison goes through prrtquant's own DICOM code.
