@@ -1,8 +1,10 @@
-"""Shared fixtures: the bundled synthetic cohort and readers that do not use prrtquant's writers."""
+"""Shared fixtures: the bundled synthetic cohort, the external reference data (unpacked from
+tests/data/external) and readers that do not use prrtquant's writers."""
 
 from __future__ import annotations
 
 import json
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +15,45 @@ import SimpleITK as sitk
 ROOT = Path(__file__).resolve().parents[1]
 TEST_DATA = ROOT / "test_data"
 COHORT = ["P01", "P02", "P03"]
+EXTERNAL = Path(__file__).resolve().parent / "data" / "external"  # third-party data, see its README.md
 
 
 @pytest.fixture(scope="session")
 def root() -> Path:
     return ROOT
+
+
+def unpack_external(archive: Path, dest: Path) -> Path:
+    """Unpack one of the ``tests/data/external`` archives into ``dest`` (refusing links and absolute or
+    escaping member paths) and return ``dest``."""
+    if not archive.is_file():
+        pytest.fail(f"external test data missing: {archive} (see tests/data/external/README.md)",
+                    pytrace=False)
+    with tarfile.open(archive, "r:xz") as tar:
+        for m in tar.getmembers():
+            if not (m.isfile() or m.isdir()) or m.name.startswith("/") or ".." in Path(m.name).parts:
+                pytest.fail(f"{archive}: unexpected member {m.name!r}", pytrace=False)
+        if hasattr(tarfile, "data_filter"):  # Python >= 3.11.4
+            tar.extractall(dest, filter="data")
+        else:  # pragma: no cover - members were checked above
+            tar.extractall(dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def ibsi_suv_dro(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The IBSI SUV digital reference objects (oncoray/suv_computation, CC BY 4.0), unpacked once per
+    session; holds ``DRO/DRO_list.csv`` and ``DRO/DRO_x_y/{PT,mask}/``."""
+    return unpack_external(EXTERNAL / "ibsi_suv_dro" / "DRO.tar.xz", tmp_path_factory.mktemp("ibsi_suv_dro"))
+
+
+@pytest.fixture(scope="session")
+def dcmqi_ct_seg(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The dcmqi CT slices and DICOM-SEG samples (QIICR/dcmqi data/segmentations, BSD-3-Clause), unpacked
+    once per session; holds ``ct-3slice/``, ``liver.dcm``, ``partial_overlaps.dcm``, label maps, ``23x38x3/``,
+    ``24x38x3/``."""
+    return unpack_external(EXTERNAL / "dcmqi_ct_seg" / "dcmqi_ct_seg.tar.xz",
+                           tmp_path_factory.mktemp("dcmqi_ct_seg"))
 
 
 def load_truth(patient: str) -> dict:

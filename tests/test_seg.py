@@ -1,6 +1,8 @@
 """DICOM SEG decoding (prrtquant.seg) against real SEGs from dcmqi and a synthetic FRACTIONAL SEG.
 
-Real data: /work/shared/data/dcmqi_ct_seg (see shared/data/README.md), located beside the repository.
+Real data: dcmqi's data/segmentations samples (QIICR/dcmqi, BSD-3-Clause), bundled in
+tests/data/external/dcmqi_ct_seg (see its README.md) and unpacked by the ``dcmqi_ct_seg`` fixture of
+conftest.py.
 The reference grids are built here from the DICOM headers with pydicom only (slices sorted by their
 position along the slice normal), and the label maps are read with SimpleITK, so neither side of a
 comparison goes through prrtquant's own DICOM code.
@@ -35,9 +37,6 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from prrtquant.geometry import Grid
 from prrtquant.seg import SegError, SegSegment, read_seg
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "dcmqi_ct_seg"
-
 LIVER_VOXELS = 107_098
 
 # partial_overlaps.dcm holds 5 segments; since segments 1 (GREEN) and 2 (ORANGE) overlap (3,017
@@ -56,13 +55,11 @@ PARTIAL_OVERLAPS = {
 
 
 @pytest.fixture(scope="module")
-def data() -> Path:
-    if not DATA.is_dir():
-        pytest.fail(
-            f"test data missing: expected the dcmqi CT/SEG files at {DATA} "
-            "(the 'shared' folder must sit beside the repository checkout; see shared/data/README.md)"
-        )
-    return DATA
+def data(dcmqi_ct_seg: Path) -> Path:
+    if not (dcmqi_ct_seg / "liver.dcm").is_file():
+        pytest.fail(f"test data missing: expected the dcmqi CT/SEG files in {dcmqi_ct_seg} "
+                    "(see tests/data/external/README.md)")
+    return dcmqi_ct_seg
 
 
 # --------------------------------------------------------------------------------------------------

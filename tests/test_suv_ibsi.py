@@ -1,6 +1,7 @@
 """SUV conversion against the IBSI SUV digital reference objects and analytic cases.
 
-The 17 DROs (shared/data/ibsi_suv_dro, from oncoray/suv_computation) all hold the same design:
+The 17 DROs (from oncoray/suv_computation, CC BY 4.0; bundled in tests/data/external/ibsi_suv_dro and
+unpacked by the ``ibsi_suv_dro`` fixture of conftest.py) all hold the same design:
 inside ``region_1`` the body-weight SUV has max 4.00 (hot sphere), min 0.20 (cold sphere) and
 median 1.00 (background), whatever the stored Units / decay correction / timing quirk
 (DRO_list.csv; the manual: "All DROs are identical in terms of the design, volumes, and resulting
@@ -35,8 +36,6 @@ from prrtquant.suv import (
     lbm_janmahasatian_kg,
 )
 
-ROOT = Path(__file__).resolve().parents[1]  # repository root
-DRO_ROOT = ROOT.parent / "shared" / "data" / "ibsi_suv_dro"
 DRO_IDS = [
     "DRO_0_0", "DRO_1_0", "DRO_2_0", "DRO_2_1", "DRO_2_2", "DRO_2_3", "DRO_2_4", "DRO_2_5",
     "DRO_3_0", "DRO_3_1", "DRO_3_2", "DRO_3_3", "DRO_3_4", "DRO_4_0", "DRO_4_1", "DRO_4_2", "DRO_5_0",
@@ -47,11 +46,11 @@ F18_HALF_LIFE_S = 6586.2
 LAMBDA_F18 = math.log(2.0) / F18_HALF_LIFE_S
 
 
-def require_dro_root() -> Path:
-    if not (DRO_ROOT / "DRO").is_dir():
-        pytest.fail(f"IBSI SUV reference objects not found at {DRO_ROOT} (expected the shared/ data "
-                    "folder next to the repository, see shared/data/README.md)", pytrace=False)
-    return DRO_ROOT
+def require_dro_root(dro_root: Path) -> Path:
+    if not (dro_root / "DRO").is_dir():
+        pytest.fail(f"IBSI SUV reference objects not found at {dro_root / 'DRO'} "
+                    "(see tests/data/external/README.md)", pytrace=False)
+    return dro_root
 
 
 def slice_position(ds: pydicom.Dataset) -> float:
@@ -59,8 +58,8 @@ def slice_position(ds: pydicom.Dataset) -> float:
     return float(np.cross(iop[:3], iop[3:]) @ np.asarray(ds.ImagePositionPatient, dtype=float))
 
 
-def load_pt(dro: str) -> tuple[list[pydicom.Dataset], Path]:
-    folder = require_dro_root() / "DRO" / dro / "PT"
+def load_pt(dro: str, dro_root: Path) -> tuple[list[pydicom.Dataset], Path]:
+    folder = require_dro_root(dro_root) / "DRO" / dro / "PT"
     files = sorted(folder.glob("*.dcm"))
     assert files, f"no PT slices in {folder}"
     datasets = sorted((pydicom.dcmread(f) for f in files), key=slice_position)
@@ -83,8 +82,8 @@ def pt_reference_image(datasets: list[pydicom.Dataset]) -> sitk.Image:
     return img
 
 
-def region_mask(dro: str, datasets: list[pydicom.Dataset]) -> np.ndarray:
-    path = require_dro_root() / "DRO" / dro / "mask" / "DRO_mask.nii.gz"
+def region_mask(dro: str, datasets: list[pydicom.Dataset], dro_root: Path) -> np.ndarray:
+    path = require_dro_root(dro_root) / "DRO" / dro / "mask" / "DRO_mask.nii.gz"
     mask = sitk.ReadImage(str(path)) > 0
     ref = pt_reference_image(datasets)
     on_pt = sitk.Resample(mask, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
@@ -94,15 +93,15 @@ def region_mask(dro: str, datasets: list[pydicom.Dataset]) -> np.ndarray:
     return out
 
 
-def expected_values() -> dict[str, tuple[float, float, float]]:
-    path = require_dro_root() / "DRO" / "DRO_list.csv"
+def expected_values(dro_root: Path) -> dict[str, tuple[float, float, float]]:
+    path = require_dro_root(dro_root) / "DRO" / "DRO_list.csv"
     with open(path, newline="", encoding="utf-8") as fh:
         return {r["ID"]: (float(r["SUVmax_expected"]), float(r["SUVmin_expected"]), float(r["SUVmed_expected"]))
                 for r in csv.DictReader(fh)}
 
 
-def test_dro_list_matches_parametrisation() -> None:
-    exp = expected_values()
+def test_dro_list_matches_parametrisation(ibsi_suv_dro: Path) -> None:
+    exp = expected_values(ibsi_suv_dro)
     assert sorted(exp) == sorted(DRO_IDS)
     assert set(exp.values()) == {(4.0, 0.2, 1.0)}
 
@@ -122,17 +121,17 @@ def _storage_quantum_suvbw(datasets: list[pydicom.Dataset]) -> float:
 
 
 @pytest.mark.parametrize("dro", DRO_IDS, ids=DRO_IDS)
-def test_dro_suvbw_in_region(dro: str) -> None:
-    datasets, folder = load_pt(dro)
+def test_dro_suvbw_in_region(dro: str, ibsi_suv_dro: Path) -> None:
+    datasets, folder = load_pt(dro, ibsi_suv_dro)
     conv = convert_pet_series(datasets, source=str(folder))
     assert isinstance(conv, PetConversion)
     assert conv.suvbw.shape == conv.bqml.shape == (len(datasets), datasets[0].Rows, datasets[0].Columns)
     assert conv.suvbw.dtype == np.float64
     np.testing.assert_allclose(conv.suvbw, conv.bqml * conv.suv_bw_factor)
 
-    values = conv.suvbw[region_mask(dro, datasets)]
+    values = conv.suvbw[region_mask(dro, datasets, ibsi_suv_dro)]
     measured = (float(values.max()), float(values.min()), float(np.median(values)))
-    expected = expected_values()[dro]
+    expected = expected_values(ibsi_suv_dro)[dro]
     for what, m, e in zip(("max", "min", "median"), measured, expected):
         if dro in STORAGE_LIMITED:
             q = _storage_quantum_suvbw(datasets)
@@ -156,8 +155,8 @@ def test_dro_suvbw_in_region(dro: str) -> None:
     ],
     ids=["DRO_3_0", "DRO_3_1", "DRO_3_2", "DRO_3_3", "DRO_4_2", "DRO_5_0", "DRO_0_0"],
 )
-def test_dro_interpretation(dro: str, check) -> None:
-    datasets, folder = load_pt(dro)
+def test_dro_interpretation(dro: str, check, ibsi_suv_dro: Path) -> None:
+    datasets, folder = load_pt(dro, ibsi_suv_dro)
     assert check(convert_pet_series(datasets, source=str(folder)))
 
 

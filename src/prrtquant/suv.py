@@ -1,8 +1,9 @@
 """PET series to activity concentration (Bq/mL) and SUV, following QIBA and the IBSI SUV manual.
 
 The rules implemented here are those of the "Comprehensive Manual for SUV Computation and Digital
-Reference Objects for its Verification" (Vácha et al., oncoray/suv_computation; a copy lives in
-``shared/data/ibsi_suv_dro/suv_manual.txt``) and the QIBA FDG-PET profile pseudo-code it cites:
+Reference Objects for its Verification" (Vácha et al., oncoray/suv_computation,
+https://oncoray.github.io/suv_computation/suv.html; its DROs are in tests/data/external/ibsi_suv_dro)
+and the QIBA FDG-PET profile pseudo-code it cites:
 
 * ``RescaleSlope`` is applied slice by slice; a non-zero ``RescaleIntercept`` is refused.
 * ``Units``: ``BQML``; ``GML`` with ``SUVType`` BW (or empty), LBM (Morgan), LBMJAMES128, LBMJANMA,
