@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from dataclasses import asdict
-from pathlib import Path
 
-import pandas as pd
 import pytest
-import yaml
 
 from conftest import ROOT
 from prrtquant import dosimetry as D
@@ -21,9 +16,6 @@ from prrtquant.ingest import IngestConfig
 from prrtquant.quantify_stage import QuantifySettings
 from prrtquant.register_stage import settings_from_config
 from prrtquant.registration import RegistrationSettings
-
-SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
-
 
 def test_schema_defaults_are_the_library_defaults():
     """What the workflow fills in from the schema is what a stage uses when it is given nothing."""
@@ -79,27 +71,42 @@ def test_a_config_changes_the_stage_output_by_hand(processed_cohort, tmp_path):
     assert strict["threshold"] == 10.0 and strict["eligible"] is False and strict["value"] == default["value"]
 
 
-@pytest.mark.slow
-def test_command_line_config_override_reaches_the_job_and_reruns_it(tmp_path):
-    """``snakemake --config quantify='{threshold: 10.0}'`` changes eligibility.json (the job gets the validated
-    config, schema defaults included); the same command without it reruns quantify alone (its params changed)."""
-    results = tmp_path / "results"
+# the workflow side (``snakemake --config`` reaching a job and rerunning it) is checked at the end of
+# tests/test_workflow.py::test_workflow_runs_on_bundled_cohort, on the run that test makes anyway
+
+
+@pytest.mark.parametrize("column, value, message", [
+    ("camera_cps_per_mbq", "abc", "camera_cps_per_mbq: 'abc' does not match"),
+    ("camera_cps_per_mbq", "-9.6", "camera_cps_per_mbq: '-9.6' does not match"),
+    ("treated_lobe", "middle", "treated_lobe: 'middle' is not one of"),
+    ("design", "whole_liver", "design: 'whole_liver' is not one of"),
+])
+def test_by_hand_ingest_validates_the_sheet_like_the_workflow(tmp_path, capsys, column, value, message):
+    """The sheet schema of the workflow is the by-hand ingest's too: a bad value is named, nothing written."""
+    import pandas as pd
+
     sheet = pd.read_csv(ROOT / "test_data" / "patients.tsv", sep="\t", dtype=str, keep_default_na=False)
-    sheet = sheet[sheet.patient == "P01"].assign(dicom_dir=str(ROOT / "test_data" / "P01" / "DICOM"))
-    sheet.to_csv(tmp_path / "patients.tsv", sep="\t", index=False)
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"patients": str(tmp_path / "patients.tsv"),
-                                                          "results": str(results)}))
-    base = [SNAKEMAKE, "--workflow-profile", str(ROOT / "workflow" / "profiles" / "default"), "--cores", "1",
-            "--configfile", str(tmp_path / "config.yaml"), "--directory", str(tmp_path), str(results / "P01" / "quantify")]
-    r = subprocess.run([*base, "--config", "quantify={threshold: 10.0}"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    elig = json.loads((results / "P01" / "quantify" / "eligibility.json").read_text())
-    assert elig["threshold"] == 10.0 and elig["eligible"] is False
-    q = json.loads((results / "P01" / "quantify" / "quantify.json").read_text())
-    assert q["settings"]["max_lesions"] == 5  # a schema default, filled in by the workflow's validation
-    r = subprocess.run(base, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "rule quantify" in r.stdout + r.stderr and "rule ingest" not in r.stdout + r.stderr
-    elig = json.loads((results / "P01" / "quantify" / "eligibility.json").read_text())
-    assert elig["threshold"] == 3.0 and elig["eligible"] is True
+    sheet.loc[sheet.patient == "P01", column] = value
+    path = tmp_path / "patients.tsv"
+    sheet.to_csv(path, sep="\t", index=False)
+    out = tmp_path / "ingest"
+    assert main(["ingest", str(ROOT / "test_data" / "P01" / "DICOM"), "--out", str(out), "--patient", "P01",
+                 "--sheet", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "patient P01" in err and message in err, err[-400:]
+    assert not out.exists()
+
+
+def test_duplicate_pseudonyms_are_refused(tmp_path, capsys):
+    import pandas as pd
+
+    from prrtquant.config import check_unique_patients
+
+    sheet = pd.read_csv(ROOT / "test_data" / "patients.tsv", sep="\t", dtype=str, keep_default_na=False)
+    path = tmp_path / "patients.tsv"
+    pd.concat([sheet, sheet[sheet.patient == "P02"]]).to_csv(path, sep="\t", index=False)
+    with pytest.raises(ConfigError, match=r"\['P02'\] appear more than once"):
+        check_unique_patients(pd.read_csv(path, sep="\t", dtype=str).patient, str(path))
+    assert main(["ingest", str(ROOT / "test_data" / "P02" / "DICOM"), "--out", str(tmp_path / "i"), "--patient", "P02",
+                 "--sheet", str(path)]) == 2
+    assert "2 rows for patient 'P02'" in capsys.readouterr().err

@@ -38,6 +38,17 @@ def test_wrong_config_key_fails_before_any_job(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def test_duplicate_patient_ids_fail_before_any_job(tmp_path):
+    sheet = pd.read_csv(ROOT / "test_data" / "patients.tsv", sep="\t", dtype=str, keep_default_na=False)
+    sheet["dicom_dir"] = [str(ROOT / "test_data" / d) for d in sheet.dicom_dir]
+    pd.concat([sheet, sheet.iloc[:1]]).to_csv(tmp_path / "patients.tsv", sep="\t", index=False)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"patients: {tmp_path / 'patients.tsv'}\nresults: {tmp_path}/r\n")
+    r = _snakemake("-n", "--configfile", str(cfg), check=False)
+    assert r.returncode != 0 and "['P01'] appear more than once" in r.stdout + r.stderr
+    assert not (tmp_path / "r").exists()
+
+
 def _sheet_with_broken_patient(tmp_path: Path) -> Path:
     """The bundled sheet (absolute DICOM paths) plus P04: a copy of P02's export with one file truncated."""
     sheet = pd.read_csv(ROOT / "test_data" / "patients.tsv", sep="\t", dtype=str, keep_default_na=False)
@@ -83,13 +94,15 @@ def test_workflow_runs_on_bundled_cohort(tmp_path):
     text = first_log.read_text(errors="ignore")
     jobs = dict(re.findall(r"rule ingest:.*?jobid: (\d+).*?wildcards: patient=(\w+)", text, re.S))
     done = [results / jobs[j] / "ingest" for j in finished]
-    stamp = {d: (d / "inventory.tsv").stat().st_mtime_ns for d in done}
+    # a finished ingest holds its inventory, or FAILED.json for the broken P04 (recorded, also a finished job)
+    stamp = {d: next(d / n for n in ("inventory.tsv", "FAILED.json") if (d / n).exists()).stat().st_mtime_ns
+             for d in done}
     # a killed Snakemake leaves its lock: the documented recovery is --unlock, then the same command again
     assert subprocess.run([*cmd, "--unlock"], cwd=ROOT, capture_output=True, timeout=120).returncode == 0
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
     for d, ns in stamp.items():  # finished before the kill: not redone
-        assert (d / "inventory.tsv").stat().st_mtime_ns == ns, d
+        assert next(d / n for n in ("inventory.tsv", "FAILED.json") if (d / n).exists()).stat().st_mtime_ns == ns, d
     assert not list(results.rglob(".*.tmp*")), "temporary output of the killed job left behind"
     table = pd.read_csv(results / "cohort" / "series.tsv", sep="\t", dtype=str)
     assert sorted(table.patient.unique()) == [*COHORT, "P04"]  # P04's index lists its broken file
@@ -133,8 +146,26 @@ def test_workflow_runs_on_bundled_cohort(tmp_path):
     assert rep.returncode == 0, rep.stderr[-3000:]
     html = (tmp_path / "report.html").read_text(errors="ignore")
     for needle in ("Registration QC", "Endpoints", "Dosimetry", "Cohort", "lobar_tn_paired", "lesions.tsv",
-                   "registration_qc.tsv"):
+                   "registration_qc.tsv", "physical_bounds.html"):
         assert needle in html, needle
+    # plausible patients: no physically impossible number anywhere
+    assert pd.read_csv(results / "cohort" / "physical_bounds.tsv", sep="\t").empty
+    assert summary["physical_bounds"] == {}
+    # a command-line override reaches the job (validated, schema defaults filled in) and reruns it alone;
+    # the same command without it reruns it again (its params changed)
+    target = str(results / "P01" / "quantify")
+    r = subprocess.run([*cmd, target, "--config", "quantify={threshold: 10.0}"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "rule quantify" in r.stdout + r.stderr and "rule ingest" not in r.stdout + r.stderr
+    elig10 = json.loads((results / "P01" / "quantify" / "eligibility.json").read_text())
+    assert elig10["threshold"] == 10.0 and elig10["eligible"] is False
+    q = json.loads((results / "P01" / "quantify" / "quantify.json").read_text())
+    assert q["settings"]["max_lesions"] == 5  # a schema default, filled in by the workflow's validation
+    r = subprocess.run([*cmd, target], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "rule quantify" in r.stdout + r.stderr, r.stderr[-3000:]
+    elig = json.loads((results / "P01" / "quantify" / "eligibility.json").read_text())
+    assert elig["threshold"] == 3.0 and elig["eligible"] is True
     # no identifier in any output, log or the report (compressed NIfTI are checked in test_ingest)
     for p in COHORT:
         t = load_truth(p)

@@ -19,7 +19,8 @@ from typing import Any, Mapping
 import yaml
 
 __all__ = ["ConfigError", "CONFIG_SCHEMA", "PATIENTS_SCHEMA", "schema", "validate_config", "load_config",
-           "stage_config", "coerce_command_line_values"]
+           "stage_config", "coerce_command_line_values", "validate_sheet_row",
+           "check_unique_patients"]
 
 #: the schema files, as paths usable by Snakemake's ``validate()`` (package data)
 CONFIG_SCHEMA = Path(str(resources.files("prrtquant") / "data" / "config.schema.yaml"))
@@ -139,6 +140,30 @@ def load_config(path: str | Path | None, require_patients: bool = False) -> dict
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: config must be a mapping, got {type(raw).__name__}")
     return validate_config(raw, str(path), require_patients=require_patients)
+
+
+def validate_sheet_row(row: Mapping[str, Any], source: str) -> None:
+    """Check one patient-sheet row (all values as text) against the sheet schema the workflow uses.
+
+    >>> validate_sheet_row({"patient": "P1", "dicom_dir": "d", "design": "lobar_ia", "camera_cps_per_mbq": "abc"},
+    ...                    "sheet.tsv")
+    Traceback (most recent call last):
+    ...
+    prrtquant.config.ConfigError: sheet.tsv: patient P1: camera_cps_per_mbq: 'abc' does not match '^$|^[0-9]+(\\.[0-9]+)?$'
+    """
+    errors = sorted(_validator(schema("patients")).iter_errors(dict(row)), key=lambda e: list(e.absolute_path))
+    if errors:
+        e = errors[0]
+        where = ".".join(str(p) for p in e.absolute_path)
+        raise ConfigError(f"{source}: patient {row.get('patient', '?')}: {where + ': ' if where else ''}{e.message}")
+
+
+def check_unique_patients(patients: Any, source: str) -> None:
+    """Refuse a sheet whose pseudonyms repeat (every output path is named by them)."""
+    ids = [str(p) for p in patients]
+    dup = sorted({p for p in ids if ids.count(p) > 1})
+    if dup:
+        raise ConfigError(f"{source}: patient pseudonym(s) {dup} appear more than once; each patient needs one row")
 
 
 def stage_config(config: Mapping[str, Any], *sections: str) -> dict[str, Any]:

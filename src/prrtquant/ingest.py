@@ -167,10 +167,16 @@ class PatientSheet:
     @classmethod
     def from_tsv(cls, path: str | Path, patient: str) -> "PatientSheet":
         df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+        from .config import validate_sheet_row
+
         rows = df[df["patient"] == patient]
         if rows.empty:
             raise IngestError(f"{path}: no row for patient {patient!r}")
-        return cls.from_row(rows.iloc[0].to_dict(), base_dir=Path(path).parent)
+        if len(rows) > 1:
+            raise IngestError(f"{path}: {len(rows)} rows for patient {patient!r} (pseudonyms must be unique)")
+        row = rows.iloc[0].to_dict()
+        validate_sheet_row(row, str(path))  # the same schema as the workflow's
+        return cls.from_row(row, base_dir=Path(path).parent)
 
 
 @dataclass

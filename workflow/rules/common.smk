@@ -2,7 +2,13 @@
 import os
 import pandas as pd
 from snakemake.utils import validate
-from prrtquant.config import CONFIG_SCHEMA, PATIENTS_SCHEMA, coerce_command_line_values, stage_config
+from prrtquant.config import (
+    CONFIG_SCHEMA,
+    PATIENTS_SCHEMA,
+    check_unique_patients,
+    coerce_command_line_values,
+    stage_config,
+)
 
 
 # the schemas ship with the package, so the workflow and `prrtquant <stage> --config` validate alike;
@@ -10,7 +16,9 @@ from prrtquant.config import CONFIG_SCHEMA, PATIENTS_SCHEMA, coerce_command_line
 coerce_command_line_values(config)
 validate(config, schema=str(CONFIG_SCHEMA))
 
-PATIENTS = pd.read_csv(config["patients"], sep="\t", dtype=str, keep_default_na=False).set_index(
+_SHEET = pd.read_csv(config["patients"], sep="\t", dtype=str, keep_default_na=False)
+check_unique_patients(_SHEET["patient"], config["patients"])
+PATIENTS = _SHEET.set_index(
     "patient", drop=False
 )
 validate(PATIENTS, schema=str(PATIENTS_SCHEMA))
