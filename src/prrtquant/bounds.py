@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Mapping
 
 __all__ = ["DEFAULT_TOLERANCE", "Violation", "PhysicalBoundsError", "BoundsSettings", "check_activity",
-           "check_tia", "check_non_negative", "flags_by_key", "raise_if_any"]
+           "check_tia", "check_non_negative", "flag_text", "raise_if_any"]
 
 DEFAULT_TOLERANCE = 0.10
 
@@ -80,6 +80,19 @@ def _finite(v: float) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(float(v))
 
 
+def _check(value: float, upper: float | None, quantity: str, unit: str, stage: str, region: str, where: str,
+           source: str) -> list[Violation]:
+    """``value`` against 0 and, when given, an upper bound."""
+    out: list[Violation] = []
+    if not _finite(value):
+        return out
+    if value < 0:
+        out.append(Violation(stage, quantity, region, where, float(value), 0.0, unit, source))
+    if upper is not None and value > upper:
+        out.append(Violation(stage, quantity, region, where, float(value), upper, unit, source))
+    return out
+
+
 def check_activity(activity_mbq: float, injected_mbq: float, hours_pi: float, decay_constant_per_h: float,
                    tolerance: float, *, stage: str, region: str, where: str, source: str = "") -> list[Violation]:
     """Activity present at the scan (not decay corrected) against the administered activity decayed to it.
@@ -90,17 +103,10 @@ def check_activity(activity_mbq: float, injected_mbq: float, hours_pi: float, de
     >>> round(v[0].bound, 1)
     7341.8
     """
-    out: list[Violation] = []
-    if not _finite(activity_mbq):
-        return out
-    if activity_mbq < 0:
-        out.append(Violation(stage, "activity_mbq", region, where, float(activity_mbq), 0.0, "MBq", source))
+    upper = None
     if _finite(injected_mbq) and injected_mbq > 0 and _finite(hours_pi) and _finite(decay_constant_per_h):
-        present = injected_mbq * math.exp(-decay_constant_per_h * max(hours_pi, 0.0))
-        bound = present * (1.0 + tolerance)
-        if activity_mbq > bound:
-            out.append(Violation(stage, "activity_mbq", region, where, float(activity_mbq), bound, "MBq", source))
-    return out
+        upper = injected_mbq * math.exp(-decay_constant_per_h * max(hours_pi, 0.0)) * (1.0 + tolerance)
+    return _check(activity_mbq, upper, "activity_mbq", "MBq", stage, region, where, source)
 
 
 def check_tia(tia_mbq_h: float, injected_mbq: float, decay_constant_per_h: float, tolerance: float, *,
@@ -110,33 +116,22 @@ def check_tia(tia_mbq_h: float, injected_mbq: float, decay_constant_per_h: float
     >>> round(check_tia(2.0e6, 7400.0, 0.0043, 0.1, stage="dosimetry", region="liver", where="cycle 1")[0].bound)
     1893023
     """
-    out: list[Violation] = []
-    if not _finite(tia_mbq_h):
-        return out
-    if tia_mbq_h < 0:
-        out.append(Violation(stage, "tia_mbq_h", region, where, float(tia_mbq_h), 0.0, "MBq·h", source))
+    upper = None
     if _finite(injected_mbq) and injected_mbq > 0 and decay_constant_per_h > 0:
-        bound = injected_mbq / decay_constant_per_h * (1.0 + tolerance)
-        if tia_mbq_h > bound:
-            out.append(Violation(stage, "tia_mbq_h", region, where, float(tia_mbq_h), bound, "MBq·h", source))
-    return out
+        upper = injected_mbq / decay_constant_per_h * (1.0 + tolerance)
+    return _check(tia_mbq_h, upper, "tia_mbq_h", "MBq·h", stage, region, where, source)
 
 
 def check_non_negative(value: float, quantity: str, unit: str, *, stage: str, region: str, where: str,
                        source: str = "") -> list[Violation]:
     """A quantity that cannot be negative (dose, BED, activity, TIA)."""
-    if _finite(value) and value < 0:
-        return [Violation(stage, quantity, region, where, float(value), 0.0, unit, source)]
-    return []
+    return _check(value, None, quantity, unit, stage, region, where, source)
 
 
-def flags_by_key(violations: Iterable[Violation], key: Any) -> dict[Any, str]:
-    """``key(violation)`` → the violations' messages joined with "; " (a table's ``bounds_flag`` column)."""
-    out: dict[Any, list[str]] = {}
-    for v in violations:
-        out.setdefault(key(v), []).append(f"{v.quantity} {v.value:.4g} {v.unit} > bound {v.bound:.4g}"
-                                          if v.value > v.bound else f"{v.quantity} {v.value:.4g} {v.unit} < 0")
-    return {k: "; ".join(m) for k, m in out.items()}
+def flag_text(violations: Iterable[Violation]) -> str:
+    """The violations of one table row as its ``bounds_flag`` text ("" when there are none)."""
+    return "; ".join(f"{v.quantity} {v.value:.4g} {v.unit} > bound {v.bound:.4g}" if v.value > v.bound
+                     else f"{v.quantity} {v.value:.4g} {v.unit} < 0" for v in violations)
 
 
 def raise_if_any(violations: Iterable[Violation], what: str) -> None:

@@ -42,7 +42,8 @@ from . import __version__
 from . import dosimetry as D
 from .io import atomic_directory
 from .quantify import region_stats
-from .bounds import BoundsSettings, Violation, check_activity, check_non_negative, check_tia, flags_by_key, raise_if_any
+from .bounds import (BoundsSettings, Violation, check_activity, check_non_negative, check_tia, flag_text,
+                     raise_if_any)
 from .regions import RegionSettings, session_regions
 
 log = logging.getLogger(__name__)
@@ -257,15 +258,15 @@ def dosimetry_patient(ingest_dir: str | Path, register_dir: str | Path, out_dir:
                     a = a / rc
                 per_region.setdefault(region, []).append((tp["hours"], a, tp["session"]))
                 found = check_activity(st["integral"] / 1e6, injected, tp["hours"], lam, tol, stage="dosimetry",
-                                       region=region, where=tp["session"], source=str(tp["path"].name))
+                                       region=region, where=tp["session"], source=str(tp["path"].relative_to(ing)))
                 violations.extend(found)
-                tac_rows.append({"bounds_flag": flags_by_key(found, lambda v: 0).get(0, ""), "cycle": cycle, "session": tp["session"], "hours_pi": tp["hours"], "region": region,
+                tac_rows.append({"cycle": cycle, "session": tp["session"], "hours_pi": tp["hours"], "region": region,
                                  "activity_mbq": a, "activity_sd_mbq": a * s.activity_cv,
                                  "activity_measured_mbq": st["integral"] / 1e6, "recovery_coefficient": rc,
                                  "concentration_bqml": st["mean"] / (1.0 if math.isnan(rc) else rc),
                                  "activity_decay_corrected_mbq": a * math.exp(lam * tp["hours"]),
                                  "volume_ml": st["volume_ml"], "fraction_in_fov": st["fraction_in_fov"],
-                                 "percent_injected": 100.0 * a / injected})
+                                 "percent_injected": 100.0 * a / injected, "bounds_flag": flag_text(found)})
             if tp is grid_tp:
                 ct = sitk.ReadImage(str(tp["ct"])) if tp["ct"] is not None else None
                 grid_data = {"spect": spect, "binary": binary, "measured": measured,
@@ -466,7 +467,7 @@ def _bounds_flag(row: dict[str, Any], injected_mbq: float, lam: float, tol: floa
         if key in row:
             found += check_non_negative(row[key], key, "Gy", stage="dosimetry", region=region, where=where)
     violations.extend(found)
-    return flags_by_key(found, lambda v: 0).get(0, "")
+    return flag_text(found)
 
 
 def _finite(o: Any) -> Any:

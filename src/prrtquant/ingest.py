@@ -42,7 +42,7 @@ from .dicom_series import SeriesError, load_sliced_series, rescaled_volume
 from .geometry import Grid
 from .io import atomic_directory, is_dicom_file
 from .masks import MaskError, contour_distance_maps, rasterize_rtstruct, rtstruct_rois
-from .bounds import Violation, check_activity, raise_if_any
+from .bounds import DEFAULT_TOLERANCE, BoundsSettings, Violation, check_activity, raise_if_any
 from .nm import NMGeometryError, NMValueError, acquisition_duration_s, read_nm, to_bqml_at_start
 from .radionuclides import RADIONUCLIDES
 from .roi_names import RoiMapper
@@ -188,7 +188,7 @@ class IngestConfig:
     weight_fallback: str = "error"  # "error" or "sheet": use the sheet's weight only when the header has none
     spect_hours_rounding: float = 1.0  # hours after injection rounded to this for session names
     spect_decay_reference: str | None = None  # START / ADMIN: what NM CorrectedImage DECY refers to, when unsaid
-    activity_tolerance: float = 0.1  # physical_bounds.activity_tolerance
+    activity_tolerance: float = DEFAULT_TOLERANCE  # physical_bounds.activity_tolerance
     fail_on_bounds: bool = False  # a physically impossible SPECT activity stops ingest (on_patient_error: fail)
 
     @classmethod
@@ -200,7 +200,7 @@ class IngestConfig:
                    weight_fallback=str(d.get("weight_fallback", "error")),
                    spect_hours_rounding=float(d.get("spect_hours_rounding", 1.0)),
                    spect_decay_reference=None if ref is None else str(ref).upper(),
-                   activity_tolerance=float((bounds or {}).get("activity_tolerance", 0.1)),
+                   activity_tolerance=BoundsSettings.from_config(bounds).activity_tolerance,
                    fail_on_bounds=fail_on_bounds)
 
 
@@ -568,7 +568,6 @@ def _spect_values(rec: SeriesRecord, row: SpectSheetRow | None, cfg: IngestConfi
         grid = Grid.of(nm.image)
         arr = sitk.GetArrayFromImage(nm.image)
         units, dc = nm.units, nm.decay_correction
-        header_duration = acquisition_duration_s(ds)
     else:
         try:
             s = load_sliced_series(rec.paths, rec.uid)
@@ -584,8 +583,7 @@ def _spect_values(rec: SeriesRecord, row: SpectSheetRow | None, cfg: IngestConfi
         arr = rescaled_volume(s)
         sources["values"] = "header: RescaleSlope/RescaleIntercept per slice, Units BQML"
         sources["decay_correction"] = "header: DecayCorrection"
-        header_duration = (float(ds.ActualFrameDuration) / 1000.0, "header: ActualFrameDuration") if (
-            "ActualFrameDuration" in ds and float(ds.ActualFrameDuration) > 0) else None
+    header_duration = acquisition_duration_s(ds)
     if row is not None and row.acquisition_duration_s is not None:
         duration = row.acquisition_duration_s
         sources["acquisition_duration"] = "sheet"

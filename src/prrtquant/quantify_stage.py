@@ -36,7 +36,7 @@ import SimpleITK as sitk
 
 from . import __version__
 from .io import atomic_directory, json_ready
-from .bounds import BoundsSettings, Violation, check_activity, flags_by_key, raise_if_any
+from .bounds import BoundsSettings, Violation, check_activity, flag_text, raise_if_any
 from .regions import RegionSettings, session_regions
 from .quantify import (
     EmptyRegionError,
@@ -289,7 +289,7 @@ def _spect_part(pt: _Patient, s: QuantifySettings, lobes: Mapping[str, tuple[str
                                "bqml_max": st["max"], "volume_ml": st["volume_ml"], "activity_mbq": activity_mbq,
                                "pct_ia": pct, "pct_ia_decay_corrected": pct * math.exp(lam * hours),
                                "injected_activity_mbq": a0 / 1e6,
-                               "bounds_flag": flags_by_key(found, lambda v: 0).get(0, "")})
+                               "bounds_flag": flag_text(found)})
         if not lobar:
             continue
         kid = [per[k]["activity_mbq"] for k in ("kidney_left", "kidney_right") if k in per]
