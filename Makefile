@@ -22,8 +22,10 @@ $(STAMP): pyproject.toml envs/constraints.txt
 run: $(STAMP)
 	$(BIN)/snakemake --workflow-profile workflow/profiles/default --cores $(CORES) --configfile config.yaml
 
+# two xdist workers, one test module each at a time (module fixtures built once), longest modules first
+# (tests/conftest.py SLOW_FIRST); the 15 slowest steps are listed at the end
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(CORES) --dist loadfile --no-loadscope-reorder --durations=15
 
 lint: $(STAMP)
 	$(BIN)/snakemake --workflow-profile workflow/profiles/default --lint --configfile config.yaml

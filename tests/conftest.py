@@ -3,8 +3,18 @@ tests/data/external) and readers that do not use prrtquant's writers."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
 import tarfile
+import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -93,23 +103,185 @@ def physical_points(img: sitk.Image) -> np.ndarray:
     return pts.reshape(size[2], size[1], size[0], 3)
 
 
+#: the order in which ``make test``'s two xdist workers take the test modules (one module per worker at a
+#: time): the two long end-to-end runs first, then the modules that do not use the bundled cohort's
+#: processed patients, longest first, then those that do (by then the workflow run that processed them is
+#: done; see ``processed_cohort``). Modules not listed run last.
+MODULE_ORDER = ["test_workflow.py", "test_slurm.py",
+                "test_accuracy.py", "test_phantom_generate.py", "test_registration.py", "test_ingest.py",
+                "test_package.py", "test_suv_ibsi.py", "test_seg.py", "test_phantom_readback.py", "test_nm_values.py",
+                "test_dosimetry.py", "test_quantify.py", "test_geometry.py", "test_envs.py", "test_io.py",
+                "test_register_mr.py", "test_quantify_stage.py", "test_absolute_spect.py", "test_bad_input.py",
+                "test_config.py", "test_dosimetry_stage.py", "test_register_stage.py"]
+WORKFLOW_TEST = "tests/test_workflow.py::test_workflow_runs_on_bundled_cohort"
+_WORKFLOW_SELECTED = pytest.StashKey[bool]()
+
+
+def pytest_collection_modifyitems(config, items):  # noqa: ARG001 - pytest hook signature
+    rank = {name: i for i, name in enumerate(MODULE_ORDER)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(MODULE_ORDER)))  # stable: in-file order kept
+
+
+def pytest_collection_finish(session):
+    session.config.stash[_WORKFLOW_SELECTED] = any(i.nodeid.endswith(WORKFLOW_TEST.split("/", 1)[1])
+                                                   for i in session.items)
+
+
+@contextlib.contextmanager
+def _exclusive(lock: Path):
+    """An exclusive lock on ``lock`` (flock), held by one pytest process at a time."""
+    with open(lock, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def shared_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder shared by every pytest process of this run (the parent of the xdist workers' own)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def _shared_once(base: Path, name: str, build) -> Path:
+    """``base/name`` built once per test run by ``build(folder)`` (under a lock; the other processes wait and
+    reuse it). A build that failed is not retried by the others: they fail with its error."""
+    d = base / name
+    with _exclusive(base / f"{name}.lock"):
+        failed = base / f"{name}.failed"
+        if failed.exists():
+            pytest.fail(f"{name}: failed in another test process: {failed.read_text()}", pytrace=False)
+        if not (d / "COMPLETE").exists():
+            shutil.rmtree(d, ignore_errors=True)
+            try:
+                build(d)
+            except BaseException as exc:
+                failed.write_text(f"{type(exc).__name__}: {exc}"[:4000])
+                raise
+            (d / "COMPLETE").write_text("")
+    return d
+
+
+class ProcessedCohort(Mapping):
+    """patient -> folder holding ``ingest/`` and ``register/``, each patient processed by the command line
+    on first access, once per test run."""
+
+    def __init__(self, base: Path):
+        self.base = base
+
+    def __getitem__(self, patient: str) -> Path:
+        if patient not in COHORT:
+            raise KeyError(patient)
+        from prrtquant.cli import main
+
+        def build(d: Path) -> None:
+            assert main(["ingest", str(TEST_DATA / patient / "DICOM"), "--out", str(d / "ingest"),
+                         "--patient", patient, "--sheet", str(TEST_DATA / "patients.tsv")]) == 0
+            assert main(["register", str(d / "ingest"), "--out", str(d / "register")]) == 0
+
+        return _shared_once(self.base, f"processed_{patient}", build)
+
+    def __iter__(self):
+        return iter(COHORT)
+
+    def __len__(self) -> int:
+        return len(COHORT)
+
+
 @pytest.fixture(scope="session")
-def processed_cohort(tmp_path_factory) -> dict[str, Path]:
+def processed_cohort(request, tmp_path_factory) -> Mapping[str, Path]:
     """Every bundled patient ingested and registered once (default settings), shared by the stage tests.
 
-    Returns patient -> folder holding ``ingest/`` and ``register/``. Tests must not modify these folders
-    (copy them first).
+    Maps patient -> folder holding ``ingest/`` and ``register/``. When the whole-workflow test is part of
+    the run, these are its results (the same stages with the same defaults, done once for both); otherwise
+    each patient is processed by ``prrtquant ingest`` and ``register`` when first looked up. Once per test
+    run, xdist workers included. Tests must not modify these folders (copy them first).
     """
-    from prrtquant.cli import main
+    if request.config.stash.get(_WORKFLOW_SELECTED, False):
+        run = request.getfixturevalue("cohort_workflow_run")
+        return {p: Path(run["results"]) / p for p in COHORT}
+    return ProcessedCohort(shared_base(tmp_path_factory))
 
-    out = {}
-    for p in COHORT:
-        d = tmp_path_factory.mktemp(f"processed_{p}")
-        assert main(["ingest", str(TEST_DATA / p / "DICOM"), "--out", str(d / "ingest"), "--patient", p,
-                     "--sheet", str(TEST_DATA / "patients.tsv")]) == 0
-        assert main(["register", str(d / "ingest"), "--out", str(d / "register")]) == 0
-        out[p] = d
+
+# ----------------------------------------------------------------------------- the whole workflow, once
+SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
+
+
+def sheet_with_broken_patient(folder: Path) -> Path:
+    """The bundled sheet (absolute DICOM paths) plus P04: a copy of P02's export with one file truncated."""
+    import pandas as pd
+
+    sheet = pd.read_csv(ROOT / "test_data" / "patients.tsv", sep="\t", dtype=str, keep_default_na=False)
+    sheet["dicom_dir"] = [str(ROOT / "test_data" / d) for d in sheet.dicom_dir]
+    broken = folder / "P04_DICOM"
+    shutil.copytree(ROOT / "test_data" / "P02" / "DICOM", broken)
+    victim = sorted(f for f in broken.rglob("*") if f.is_file())[0]
+    victim.write_bytes(victim.read_bytes()[:600])
+    p04 = sheet[sheet.patient == "P02"].copy()
+    p04["patient"], p04["dicom_dir"] = "P04", str(broken)
+    out = folder / "patients.tsv"
+    pd.concat([sheet, p04]).to_csv(out, sep="\t", index=False)
     return out
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+
+
+def _finished_stamp(d: Path) -> int:
+    """A finished ingest holds its inventory, or FAILED.json for the broken P04 (recorded, also finished)."""
+    return next(d / n for n in ("inventory.tsv", "FAILED.json") if (d / n).exists()).stat().st_mtime_ns
+
+
+def _run_cohort_workflow(folder: Path) -> None:
+    """The whole DAG on the bundled cohort plus a broken patient: killed (SIGKILL) once the first ingest is
+    complete, unlocked, rerun to the end. ``run.json`` records the command, the ingests finished before the
+    kill with their stamps before and after the rerun, and the rerun's exit code and log tail (the test
+    asserts on them)."""
+    folder.mkdir(parents=True)
+    cfg = folder / "config.yaml"
+    results = folder / "results"
+    cfg.write_text(f"patients: {sheet_with_broken_patient(folder)}\nresults: {results}\n")
+    cmd = [SNAKEMAKE, "--workflow-profile", str(ROOT / "workflow" / "profiles" / "default"), "--cores", "2",
+           "--configfile", str(cfg), "--directory", str(folder)]
+    first_log = folder / "first_run.log"
+    with open(first_log, "w") as fh:
+        first = subprocess.Popen(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 600
+    finished: list[str] = []
+    while time.monotonic() < deadline and first.poll() is None:
+        text = first_log.read_text(errors="ignore")
+        finished = re.findall(r"Finished jobid: (\d+) \(Rule: ingest\)", text)
+        if finished:
+            break
+        time.sleep(0.5)
+    still_running = first.poll() is None
+    if still_running:
+        _kill_group(first)  # SIGKILL: running jobs die half-way
+    text = first_log.read_text(errors="ignore")
+    jobs = dict(re.findall(r"rule ingest:.*?jobid: (\d+).*?wildcards: patient=(\w+)", text, re.S))
+    done = [results / jobs[j] / "ingest" for j in finished]
+    before = {str(d): _finished_stamp(d) for d in done}
+    # a killed Snakemake leaves its lock: the documented recovery is --unlock, then the same command again
+    unlock = subprocess.run([*cmd, "--unlock"], cwd=ROOT, capture_output=True, timeout=120)
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    after = {d: _finished_stamp(Path(d)) for d in before} if r.returncode == 0 else {}
+    (folder / "run.json").write_text(json.dumps({
+        "cmd": cmd, "results": str(results), "folder": str(folder), "killed_while_running": still_running,
+        "finished_before_kill": list(before), "stamps_before": before, "stamps_after": after,
+        "unlock_returncode": unlock.returncode, "rerun_returncode": r.returncode, "rerun_stderr": r.stderr[-3000:]}))
+
+
+@pytest.fixture(scope="session")
+def cohort_workflow_run(tmp_path_factory) -> dict:
+    """The bundled cohort (plus a broken P04) through the whole workflow, once per test run (see
+    :func:`_run_cohort_workflow`); its results also serve as ``processed_cohort``."""
+    d = _shared_once(shared_base(tmp_path_factory), "workflow_run", _run_cohort_workflow)
+    run = json.loads((d / "run.json").read_text())
+    assert run["rerun_returncode"] == 0, run["rerun_stderr"]
+    return run
 
 
 def process_generated(patient_dir: Path, work: Path, name: str = "GEN", sessions: list[str] | None = None,

@@ -178,7 +178,8 @@ def test_cli_ingest_with_config_and_flat_layout(tmp_path, spect_format):
     in Bq/mL as NM (Real World Value Mapping) or exported as PET objects."""
     src = tmp_path / "flat"
     assert main(["phantom", "--out", str(src), "--seed", "11", "--n-lesions", "2", "--n-extrahepatic", "1",
-                 "--layout", "flat", "--spect-format", spect_format, "--messy-names", "--pseudonym", "F01"]) == 0
+                 "--layout", "flat", "--spect-format", spect_format, "--messy-names", "--pseudonym", "F01",
+                 "--spect-time-points", "4,24"]) == 0
     sheet = json.loads((src / "sheet.json").read_text())
     pd.DataFrame([{"patient": "F01", "dicom_dir": "flat/DICOM", "design": sheet["design"],
                    "ia_pet_study_instance_uid": sheet["ia_pet_study_instance_uid"]}]).to_csv(

@@ -110,7 +110,7 @@ def test_other_layouts_spect_formats_noise_and_deformation(tmp_path):
 
     from prrtquant.nm import read_nm
 
-    common = ["--seed", "5", "--n-lesions", "2", "--n-extrahepatic", "1", "--deformation"]
+    common = ["--seed", "5", "--n-lesions", "2", "--n-extrahepatic", "1", "--deformation", "--spect-time-points", "24"]
     assert main(["phantom", "--out", str(tmp_path / "a"), *common, "--layout", "flat", "--spect-format", "nm_bqml"]) == 0
     assert main(["phantom", "--out", str(tmp_path / "b"), *common, "--spect-format", "pt_bqml", "--noise", "0.1"]) == 0
     a, b = (json.loads((tmp_path / x / "truth.json").read_text()) for x in "ab")

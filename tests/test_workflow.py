@@ -3,13 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import re
-import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -49,60 +44,16 @@ def test_duplicate_patient_ids_fail_before_any_job(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-def _sheet_with_broken_patient(tmp_path: Path) -> Path:
-    """The bundled sheet (absolute DICOM paths) plus P04: a copy of P02's export with one file truncated."""
-    sheet = pd.read_csv(ROOT / "test_data" / "patients.tsv", sep="\t", dtype=str, keep_default_na=False)
-    sheet["dicom_dir"] = [str(ROOT / "test_data" / d) for d in sheet.dicom_dir]
-    broken = tmp_path / "P04_DICOM"
-    shutil.copytree(ROOT / "test_data" / "P02" / "DICOM", broken)
-    victim = sorted(f for f in broken.rglob("*") if f.is_file())[0]
-    victim.write_bytes(victim.read_bytes()[:600])
-    p04 = sheet[sheet.patient == "P02"].copy()
-    p04["patient"], p04["dicom_dir"] = "P04", str(broken)
-    out = tmp_path / "patients.tsv"
-    pd.concat([sheet, p04]).to_csv(out, sep="\t", index=False)
-    return out
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
-
-
 @pytest.mark.slow
-def test_workflow_runs_on_bundled_cohort(tmp_path):
+def test_workflow_runs_on_bundled_cohort(cohort_workflow_run, tmp_path):
     """The whole DAG on the bundled cohort plus a broken patient: killed (SIGKILL) once the first ingest is
-    complete, rerun to the end without redoing finished jobs; results, cohort outputs, report checked."""
-    cfg = tmp_path / "config.yaml"
-    results = tmp_path / "results"
-    cfg.write_text(f"patients: {_sheet_with_broken_patient(tmp_path)}\nresults: {results}\n")
-    cmd = [SNAKEMAKE, "--workflow-profile", str(ROOT / "workflow" / "profiles" / "default"), "--cores", "2",
-           "--configfile", str(cfg), "--directory", str(tmp_path)]
-    first_log = tmp_path / "first_run.log"
-    with open(first_log, "w") as fh:
-        first = subprocess.Popen(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 600
-    finished: list[str] = []
-    while time.monotonic() < deadline and first.poll() is None:
-        text = first_log.read_text(errors="ignore")
-        finished = re.findall(r"Finished jobid: (\d+) \(Rule: ingest\)", text)
-        if finished:
-            break
-        time.sleep(0.5)
-    assert finished and first.poll() is None, "no ingest job finished before the run ended"
-    _kill_group(first)  # SIGKILL: running jobs die half-way
-    text = first_log.read_text(errors="ignore")
-    jobs = dict(re.findall(r"rule ingest:.*?jobid: (\d+).*?wildcards: patient=(\w+)", text, re.S))
-    done = [results / jobs[j] / "ingest" for j in finished]
-    # a finished ingest holds its inventory, or FAILED.json for the broken P04 (recorded, also a finished job)
-    stamp = {d: next(d / n for n in ("inventory.tsv", "FAILED.json") if (d / n).exists()).stat().st_mtime_ns
-             for d in done}
-    # a killed Snakemake leaves its lock: the documented recovery is --unlock, then the same command again
-    assert subprocess.run([*cmd, "--unlock"], cwd=ROOT, capture_output=True, timeout=120).returncode == 0
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
-    assert r.returncode == 0, r.stderr[-3000:]
-    for d, ns in stamp.items():  # finished before the kill: not redone
-        assert next(d / n for n in ("inventory.tsv", "FAILED.json") if (d / n).exists()).stat().st_mtime_ns == ns, d
+    complete, rerun to the end without redoing finished jobs (conftest ``cohort_workflow_run``, whose
+    results the stage tests share); results, cohort outputs, report checked."""
+    run = cohort_workflow_run
+    cmd, results = run["cmd"], Path(run["results"])
+    assert run["killed_while_running"] and run["finished_before_kill"], "no ingest job finished before the run ended"
+    assert run["unlock_returncode"] == 0 and run["rerun_returncode"] == 0, run["rerun_stderr"]
+    assert run["stamps_after"] == run["stamps_before"]  # finished before the kill: not redone
     assert not list(results.rglob(".*.tmp*")), "temporary output of the killed job left behind"
     table = pd.read_csv(results / "cohort" / "series.tsv", sep="\t", dtype=str)
     assert sorted(table.patient.unique()) == [*COHORT, "P04"]  # P04's index lists its broken file

@@ -18,6 +18,17 @@ from . import __version__
 log = logging.getLogger("prrtquant")
 
 
+def _time_points(text: str) -> tuple[tuple[float, ...], ...]:
+    """``"4,24;24"`` -> ((4.0, 24.0), (24.0,)): SPECT hours per cycle."""
+    try:
+        cycles = tuple(tuple(float(h) for h in c.split(",")) for c in text.split(";"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: hours per cycle, e.g. '4,24,72;24'") from None
+    if not cycles or any(not c or any(not 0 < h < 1000 for h in c) for c in cycles):
+        raise argparse.ArgumentTypeError(f"{text!r}: every cycle needs hours between 0 and 1000")
+    return cycles
+
+
 def _cmd_phantom(args: argparse.Namespace) -> int:
     from .phantom.generator import generate_patient
 
@@ -28,7 +39,7 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
         messy_names=args.messy_names, spect_format=args.spect_format,
         nm_negative_spacing=args.nm_negative_spacing, with_mr=args.mr, layout=args.layout,
         camera_cps_per_mbq=args.camera_cps_per_mbq, emission_own_frame=args.emission_own_frame,
-        ct_slice_mm=args.ct_slice_mm)
+        ct_slice_mm=args.ct_slice_mm, spect_time_points=args.spect_time_points)
     er = truth["enhancement_ratio"]
     log.info("wrote %s: %s design, %d lesions, %d sessions; true mean ER %.2f (eligible: %s)",
              args.out, truth["design"], len(truth["lesions"]), len(truth["sessions"]),
@@ -214,6 +225,9 @@ def _get_parser() -> argparse.ArgumentParser:
     ph.add_argument("--camera-cps-per-mbq", type=float, default=9.6, help="SPECT camera sensitivity")
     ph.add_argument("--ct-slice-mm", type=float,
                     help="CT slice spacing in mm instead of the size's (tiny: 6 mm; same axial extent)")
+    ph.add_argument("--spect-time-points", type=_time_points, metavar="H,H;H",
+                    help="SPECT hours after each cycle's injection, cycles separated by ';' (e.g. '4,24,72;24'; "
+                         "default: the design's)")
     ph.set_defaults(func=_cmd_phantom)
 
     ix = sub.add_parser("index", parents=[common], help="header-only index of the series in a DICOM folder",
