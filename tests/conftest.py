@@ -66,6 +66,20 @@ def dcmqi_ct_seg(tmp_path_factory: pytest.TempPathFactory) -> Path:
                            tmp_path_factory.mktemp("dcmqi_ct_seg"))
 
 
+def rewrite_image(img: sitk.Image, path: Path) -> None:
+    """Overwrite a stage's NIfTI intermediate on purpose (a test's edit): the sidecar's SHA-256 follows, as
+    the error for an unacknowledged change asks."""
+    from prrtquant.io import sha256_of, sidecar_of
+
+    sitk.WriteImage(img, str(path))
+    side = sidecar_of(path)
+    if side.exists():
+        meta = json.loads(side.read_text())
+        if "sha256" in meta:
+            meta["sha256"] = sha256_of(path)
+            side.write_text(json.dumps(meta, indent=1))
+
+
 def load_truth(patient: str) -> dict:
     return json.loads((TEST_DATA / patient / "truth.json").read_text())
 

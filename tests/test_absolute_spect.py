@@ -20,7 +20,7 @@ import pandas as pd
 import pydicom
 import pytest
 import SimpleITK as sitk
-from conftest import TEST_DATA, load_truth
+from conftest import TEST_DATA, load_truth, rewrite_image
 from test_nm_values import reencode
 
 from prrtquant.cli import main
@@ -218,7 +218,7 @@ def misscaled(p03_stages, tmp_path) -> Path:
     inv = pd.read_csv(d / "ingest" / "inventory.tsv", sep="\t", dtype=str, keep_default_na=False)
     for r in inv[inv.role == "spect"].itertuples():
         img = sitk.ReadImage(str(d / "ingest" / r.path))
-        sitk.WriteImage(img * 51.0, str(d / "ingest" / r.path))
+        rewrite_image(img * 51.0, d / "ingest" / r.path)
     return d
 
 

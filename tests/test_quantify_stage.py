@@ -13,7 +13,7 @@ import pytest
 import SimpleITK as sitk
 from scipy import stats
 
-from conftest import COHORT, TEST_DATA, load_truth, process_generated
+from conftest import COHORT, TEST_DATA, load_truth, process_generated, rewrite_image
 from prrtquant.cli import main
 from prrtquant.cohort import cohort_summary, lobar_comparisons
 from prrtquant.quantify_stage import QuantifySettings, quantify_patient
@@ -189,7 +189,7 @@ def _run(d, **kw):
 def _zero_mask(path):
     m = sitk.ReadImage(str(path))
     z = m * 0
-    sitk.WriteImage(z, str(path))
+    rewrite_image(z, path)
 
 
 def test_missing_ia_pet_session_reports_missing_and_computes_the_rest(p03_copy):
@@ -239,7 +239,7 @@ def test_lesion_straddling_the_lobe_boundary_is_assigned_by_majority(p03_copy):
     a = sitk.ReadImage(str(p03_copy / "ingest" / rows.loc["lesion_2", "path"]))  # right lobe, 2.5 mL
     b = sitk.ReadImage(str(p03_copy / "ingest" / rows.loc["lesion_1", "path"]))  # left lobe, 8.2 mL
     assert t["lesions"]["lesion_2"]["lobe"] == "right" and t["lesions"]["lesion_1"]["lobe"] == "left"
-    sitk.WriteImage(a | b, str(p03_copy / "ingest" / rows.loc["lesion_2", "path"]))
+    rewrite_image(a | b, p03_copy / "ingest" / rows.loc["lesion_2", "path"])
     _, summary = _run(p03_copy)
     les = _lesions(p03_copy / "quantify")
     assert les.loc["lesion_2", "lobe"] == "left"
@@ -252,7 +252,7 @@ def test_lesion_straddling_the_lobe_boundary_is_assigned_by_majority(p03_copy):
 def test_zero_or_negative_background(p03_copy, scale):
     path = p03_copy / "ingest" / "spect_c1_24h" / "spect.nii.gz"
     img = sitk.ReadImage(str(path), sitk.sitkFloat32)
-    sitk.WriteImage(img * scale, str(path))
+    rewrite_image(img * scale, path)
     _, summary = _run(p03_copy)
     lob = pd.read_csv(p03_copy / "quantify" / "lobes.tsv", sep="\t")
     bad = lob[lob.session == "spect_c1_24h"]

@@ -78,7 +78,8 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
         sheet = PatientSheet.from_tsv(sheet_path, args.patient)
     else:
         sheet = PatientSheet(patient=args.patient)
-    settings = IngestConfig.from_dict(cfg["ingest"], cfg["physical_bounds"], fail_on_bounds=args.on_error == "fail")
+    settings = IngestConfig.from_dict(cfg["ingest"], cfg["physical_bounds"], fail_on_bounds=args.on_error == "fail",
+                                      plausibility=cfg["plausibility"])
     inv = ingest(args.dicom_dir, args.out, sheet, settings)
     log.info("%s: inventory of %d rows in %s", args.patient, len(inv), args.out / "inventory.tsv")
     return 0
@@ -99,11 +100,13 @@ def _cmd_quantify(args: argparse.Namespace) -> int:
     from .quantify_stage import QuantifySettings, quantify_patient
 
     from .bounds import BoundsSettings
+    from .plausibility import PlausibilitySettings
 
     cfg = _load_config(args.config)
     elig = quantify_patient(args.ingest_dir, args.register_dir, args.out, QuantifySettings.from_config(cfg["quantify"]),
                             bounds=BoundsSettings.from_config(cfg["physical_bounds"]),
-                            fail_on_bounds=args.on_error == "fail")
+                            fail_on_bounds=args.on_error == "fail",
+                            plausibility_rules=PlausibilitySettings.from_config(cfg["plausibility"]))
     log.info("ER statistic %s = %s (threshold %s): eligible %s%s", elig["statistic"], elig["value"],
              elig["threshold"], elig["eligible"], " [flagged]" if elig.get("flagged") else "")
     return 0
@@ -328,8 +331,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
     try:
         return int(args.func(args))
-    except (FileExistsError, FileNotFoundError, ValueError, KeyError) as exc:
-        log.error("%s", exc)
+    except (OSError, ValueError, KeyError) as exc:
+        if isinstance(exc, OSError) and exc.filename is not None:  # one line naming the path, no traceback
+            log.error("%s: %s", exc.filename, exc.strerror or exc)
+        else:
+            log.error("%s", exc)
         if getattr(args, "on_error", "fail") == "record":
             write_failure(args.out, args.command, str(exc))
             log.error("%s: failure recorded in %s (the cohort lists this patient as failed)", args.command,

@@ -194,6 +194,14 @@ def _bounds_rows(patient: str, folders: list[Path]) -> list[dict[str, Any]]:
     return list(seen.values())
 
 
+def _plausibility_messages(folder: Path) -> list[str]:
+    """Header values that ingest flagged as implausible (carried by quantify.json)."""
+    path = folder / "quantify.json"
+    if read_failure(folder) is not None or not path.exists():
+        return []
+    return [str(f.get("message")) for f in json.loads(path.read_text()).get("plausibility") or []]
+
+
 def _html_table(df: pd.DataFrame, title: str, empty: str) -> str:
     """A small self-contained HTML page with one table (Snakemake's report shows HTML inline, TSV not)."""
     import html
@@ -224,6 +232,7 @@ def cohort_summary(quantify_dirs: Mapping[str, str | Path], out_dir: str | Path,
         if fail is not None and row["status"] != "failed":
             row["reason"] = f"dosimetry failed: {fail.get('stage')}: {fail.get('error')}"
     bounds_rows: list[dict[str, Any]] = []
+    plausibility: dict[str, list[str]] = {}
     for row in elig_rows:
         p = row["patient"]
         found = _bounds_rows(p, [folders[p]] + ([dos[p]] if p in dos else []))
@@ -232,6 +241,13 @@ def cohort_summary(quantify_dirs: Mapping[str, str | Path], out_dir: str | Path,
         if found and row["status"] != "failed":
             row["status"] = "flagged"
             why = f"{len(found)} physically impossible value(s): {found[0]['message']}"
+            row["reason"] = "; ".join(x for x in (row.get("reason"), why) if x)
+        implausible = _plausibility_messages(folders[p])
+        plausibility[p] = implausible
+        row["plausibility_flags"] = len(implausible)
+        if implausible and row["status"] != "failed":
+            row["status"] = "flagged"
+            why = f"{len(implausible)} implausible header value(s): {implausible[0]}"
             row["reason"] = "; ".join(x for x in (row.get("reason"), why) if x)
     for p, why in (failures or {}).items():
         elig_rows.append({"patient": p, "status": "failed", "reason": why})
@@ -261,6 +277,7 @@ def cohort_summary(quantify_dirs: Mapping[str, str | Path], out_dir: str | Path,
                              if isinstance(r.reason, str) and r.reason.startswith("dosimetry failed")},
         "physical_bounds": {p: [r["message"] for r in bounds_rows if r["patient"] == p]
                             for p in dict.fromkeys(r["patient"] for r in bounds_rows)},
+        "plausibility": {p: m for p, m in plausibility.items() if m},
         "statistic": statistic, "threshold": threshold, "er_distribution": dist,
         "lobar_comparison": comparisons.replace({np.nan: None}).to_dict(orient="records"),
         "prrtquant_version": __version__,

@@ -43,7 +43,7 @@ def load_sliced_series(paths: Sequence[Path], series_uid: str, rel_tol: float = 
     items = []
     for p in paths:
         try:
-            ds = pydicom.dcmread(p)
+            ds = pydicom.dcmread(p, force=True)  # files without the preamble were vetted by the index
             _ = ds.pixel_array  # decodes (and caches) now, so a short PixelData is caught here
         except Exception as exc:  # noqa: BLE001 - any read failure is reported with the file
             raise SeriesError(f"{p}: unreadable or truncated DICOM file in series {series_uid} ({exc})") from exc
@@ -82,11 +82,63 @@ def load_sliced_series(paths: Sequence[Path], series_uid: str, rel_tol: float = 
         drift = pos - pos[0] - np.outer(d - d[0], normal)
         if np.max(np.abs(drift)) > tol:
             raise SeriesError(f"series {series_uid}: slice positions drift in-plane by {np.max(np.abs(drift)):.3f} mm")
+    _check_complete(items, series_uid)
     first = items[0][1]
     grid = Grid(size=(int(first.Columns), int(first.Rows), len(items)), spacing=(ps[1], ps[0], dz),
                 origin=tuple(float(v) for v in pos[0]),  # type: ignore[arg-type]
                 direction=tuple(float(v) for v in np.stack([row, col, normal], axis=1).ravel()))
     return SlicedSeries(datasets=[ds for _, ds in items], paths=[p for p, _ in items], grid=grid)
+
+
+def _numbers(ds: pydicom.Dataset, keyword: str, path: Path) -> list[float] | None:
+    v = ds.get(keyword)
+    if v is None or v == "":
+        return None
+    try:
+        vals = [float(x) for x in (v if isinstance(v, (list, tuple, pydicom.multival.MultiValue)) else [v])]
+    except (TypeError, ValueError):
+        raise SeriesError(f"{path}: {keyword} {v!r} is not a number") from None
+    return vals
+
+
+def _check_complete(items: list[tuple[Path, pydicom.Dataset]], series_uid: str) -> None:
+    """Every slice there and scaled alike: as many slices as NumberOfSlices (0054,0081) announces where
+    the headers give it (PET), the same PixelSpacing on every slice, RescaleSlope and RescaleIntercept on
+    every slice or on none, finite, the slope non-zero and at most 1e30 in magnitude."""
+    p0, ds0 = items[0]
+    ps0 = _numbers(ds0, "PixelSpacing", p0)
+    if ps0 is None or len(ps0) != 2 or min(ps0) <= 0:
+        raise SeriesError(f"{p0}: PixelSpacing missing or not two positive numbers ({ds0.get('PixelSpacing')!r})")
+    have_slope = {p: "RescaleSlope" in ds for p, ds in items}
+    have_inter = {p: "RescaleIntercept" in ds for p, ds in items}
+    for p, ds in items:
+        ps = _numbers(ds, "PixelSpacing", p)
+        if ps is None or len(ps) != 2 or not np.allclose(ps, ps0, rtol=1e-4, atol=1e-6):
+            raise SeriesError(f"{p}: PixelSpacing {ps} differs from {ps0} of {p0.name} in series {series_uid} "
+                              f"(one grid per series)")
+        for key, have in (("RescaleSlope", have_slope), ("RescaleIntercept", have_inter)):
+            n_have = sum(have.values())
+            if 0 < n_have < len(items) and have[p] != (2 * n_have >= len(items)):  # name the odd ones out
+                raise SeriesError(
+                    f"{p}: {key} missing on this slice but present on the others of series {series_uid}; its "
+                    f"values cannot be scaled" if not have[p] else
+                    f"{p}: {key} present on this slice ({ds.get(key)!r}) but on only {n_have} of the "
+                    f"{len(items)} slices of series {series_uid}; the series cannot be scaled consistently")
+            vals = _numbers(ds, key, p) if have[p] else None
+            if vals is not None and (len(vals) != 1 or not np.isfinite(vals[0])
+                                     or (key == "RescaleSlope" and (vals[0] == 0 or abs(vals[0]) > 1e30))):
+                raise SeriesError(f"{p}: {key} {ds.get(key)!r} is not a usable value (finite, slope non-zero and "
+                                  f"at most 1e30) in series {series_uid}")
+    n = len(items)
+    for key in ("NumberOfSlices",):
+        announced = {int(v[0]) for v in (_numbers(ds, key, p) for p, ds in items) if v}
+        if len(announced) > 1:
+            raise SeriesError(f"series {series_uid}: {key} differs between slices ({sorted(announced)})")
+        if announced and announced != {n}:
+            m = announced.pop()
+            raise SeriesError(f"series {series_uid} ({p0.parent}): {n} slices found but {key} (0054,0081) says "
+                              f"{m}: " + ("slices are missing from the export (an edge slice lost?)" if n < m else
+                                          "more slices than announced (files of another series mixed in?)"))
 
 
 def rescaled_volume(series: SlicedSeries) -> Array:
@@ -103,5 +155,9 @@ def rescaled_volume(series: SlicedSeries) -> Array:
         if integral:
             out[k] = ds.pixel_array.astype(np.int32) + int(inters[k])
         else:
-            out[k] = ds.pixel_array.astype(np.float64) * slopes[k] + inters[k]
+            with np.errstate(over="ignore", invalid="ignore"):
+                out[k] = ds.pixel_array.astype(np.float64) * slopes[k] + inters[k]
+            if not np.all(np.isfinite(out[k])):
+                raise SeriesError(f"{series.paths[k]}: RescaleSlope {slopes[k]:g} / RescaleIntercept {inters[k]:g} "
+                                  f"give values that are not finite")
     return out

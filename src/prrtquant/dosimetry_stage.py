@@ -40,7 +40,7 @@ import SimpleITK as sitk
 
 from . import __version__
 from . import dosimetry as D
-from .io import atomic_directory
+from .io import atomic_directory, read_image
 from .quantify import region_stats
 from .bounds import (BoundsSettings, Violation, check_activity, check_non_negative, check_tia, flag_text,
                      raise_if_any)
@@ -231,7 +231,7 @@ def dosimetry_patient(ingest_dir: str | Path, register_dir: str | Path, out_dir:
         grid_tp = min(tps, key=lambda d: abs(d["hours"] - s.dose_map_hours))
         grid_data: dict[str, Any] = {}
         for tp in tps:
-            spect = sitk.ReadImage(str(tp["path"]), sitk.sitkFloat64)
+            spect = read_image(str(tp["path"]), sitk.sitkFloat64)
             masks, binary = session_regions(reg, table, tp["session"], region_def)
             arr = sitk.GetArrayViewFromImage(spect)
             vml = float(np.prod(spect.GetSpacing())) / 1000.0
@@ -268,7 +268,7 @@ def dosimetry_patient(ingest_dir: str | Path, register_dir: str | Path, out_dir:
                                  "volume_ml": st["volume_ml"], "fraction_in_fov": st["fraction_in_fov"],
                                  "percent_injected": 100.0 * a / injected, "bounds_flag": flag_text(found)})
             if tp is grid_tp:
-                ct = sitk.ReadImage(str(tp["ct"])) if tp["ct"] is not None else None
+                ct = read_image(str(tp["ct"])) if tp["ct"] is not None else None
                 grid_data = {"spect": spect, "binary": binary, "measured": measured,
                              "density": _density_on(spect, ct, s), "tp": tp}
         # --- TIA per region

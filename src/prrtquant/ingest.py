@@ -40,9 +40,10 @@ from . import __version__
 from .dicom_values import combine, parse_datetime
 from .dicom_series import SeriesError, load_sliced_series, rescaled_volume
 from .geometry import Grid
-from .io import atomic_directory, is_dicom_file
+from .io import atomic_directory, is_dicom_file, sha256_of
 from .masks import MaskError, contour_distance_maps, rasterize_rtstruct, rtstruct_rois
 from .bounds import DEFAULT_TOLERANCE, BoundsSettings, Violation, check_activity, raise_if_any
+from .plausibility import Flag, ImplausibleValue, PlausibilitySettings, check_range, flag_range
 from .nm import NMGeometryError, NMValueError, acquisition_duration_s, read_nm, to_bqml_at_start
 from .radionuclides import RADIONUCLIDES
 from .roi_names import RoiMapper
@@ -190,10 +191,11 @@ class IngestConfig:
     spect_decay_reference: str | None = None  # START / ADMIN: what NM CorrectedImage DECY refers to, when unsaid
     activity_tolerance: float = DEFAULT_TOLERANCE  # physical_bounds.activity_tolerance
     fail_on_bounds: bool = False  # a physically impossible SPECT activity stops ingest (on_patient_error: fail)
+    plausibility: PlausibilitySettings = field(default_factory=PlausibilitySettings)  # config plausibility
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None, bounds: Mapping[str, Any] | None = None,
-                  fail_on_bounds: bool = False) -> "IngestConfig":
+                  fail_on_bounds: bool = False, plausibility: Mapping[str, Any] | None = None) -> "IngestConfig":
         d = dict(d or {})
         ref = d.get("spect_decay_reference")
         return cls(roi_map=dict(d.get("roi_map", {}) or {}), camera_cps_per_mbq=d.get("camera_cps_per_mbq"),
@@ -201,7 +203,7 @@ class IngestConfig:
                    spect_hours_rounding=float(d.get("spect_hours_rounding", 1.0)),
                    spect_decay_reference=None if ref is None else str(ref).upper(),
                    activity_tolerance=BoundsSettings.from_config(bounds).activity_tolerance,
-                   fail_on_bounds=fail_on_bounds)
+                   fail_on_bounds=fail_on_bounds, plausibility=PlausibilitySettings.from_config(plausibility))
 
 
 # ----------------------------------------------------------------------------- indexing
@@ -220,24 +222,70 @@ class SeriesRecord:
     note: str = ""
 
 
+#: file name endings of DICOM files in exports (a file so named that is not readable DICOM is refused)
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima", ".dc3")
+#: files that exports carry beside the images, never DICOM
+NOT_DICOM_SUFFIXES = (".txt", ".xml", ".json", ".tsv", ".csv", ".html", ".htm", ".pdf", ".png", ".jpg", ".jpeg",
+                      ".md", ".log", ".ini", ".zip", ".tfm", ".yaml", ".yml", ".exe", ".inf", ".bat", ".sh")
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # DICOMDIR
+
+
+def _looks_like_dicom(p: Path, folder_has_dicom: bool) -> bool:
+    """A file that is not Part 10 DICOM but should be: empty, named like DICOM, or named like its DICOM
+    neighbours (no suffix, or a number) in a folder of DICOM files."""
+    name = p.name.lower()
+    if name.startswith(".") or name.endswith(NOT_DICOM_SUFFIXES) or name in ("version", "lockfile", "readme"):
+        return False
+    if name.endswith(DICOM_SUFFIXES):
+        return True
+    stem_only = "." not in name or name.rsplit(".", 1)[1].isdigit()
+    try:
+        empty = p.stat().st_size == 0
+    except OSError:
+        return True
+    return folder_has_dicom and (stem_only or empty)
+
+
+def _read_header(p: Path, force: bool = False) -> pydicom.Dataset:
+    try:
+        return pydicom.dcmread(p, stop_before_pixels=True, force=force)
+    except Exception as exc:  # noqa: BLE001
+        raise IngestError(f"{p}: unreadable DICOM header ({exc})") from exc
+
+
 def scan(root: Path) -> tuple[dict[str, SeriesRecord], list[Path], list[Path]]:
-    """Header-only index: series, NIfTI files, other (ignored) files."""
+    """Header-only index: series, NIfTI files, other (ignored) files.
+
+    A file without the DICOM preamble that looks like part of the export (:func:`_looks_like_dicom`:
+    empty, ``.dcm``, or named like its DICOM neighbours) is read without the preamble (old exports) and
+    refused, naming it, when that fails: an unreadable slice is never silently left out of its series.
+    """
     series: dict[str, SeriesRecord] = {}
     nifti: list[Path] = []
     other: list[Path] = []
     for dirpath, _, filenames in os.walk(root):
-        for fn in sorted(filenames):
-            p = Path(dirpath) / fn
-            if fn.endswith((".nii", ".nii.gz")):
+        paths = [Path(dirpath) / fn for fn in sorted(filenames)]
+        dicom = {p for p in paths if not p.name.endswith((".nii", ".nii.gz")) and is_dicom_file(p)}
+        for p in paths:
+            if p.name.endswith((".nii", ".nii.gz")):
                 nifti.append(p)
                 continue
-            if not is_dicom_file(p):
+            if p in dicom:
+                ds = _read_header(p)
+            elif _looks_like_dicom(p, bool(dicom)):
+                if p.stat().st_size == 0:
+                    raise IngestError(f"{p}: empty file among the DICOM files of {p.parent} (a slice lost in the "
+                                      f"export? export the series again, or remove the file if it is not one)")
+                ds = _read_header(p, force=True)
+                if not getattr(ds, "SOPClassUID", None):
+                    raise IngestError(f"{p}: not a readable DICOM file, although it sits among the DICOM files of "
+                                      f"{p.parent} (a damaged slice? export the series again, or remove the file)")
+            else:
                 other.append(p)
                 continue
-            try:
-                ds = pydicom.dcmread(p, stop_before_pixels=True)
-            except Exception as exc:  # noqa: BLE001
-                raise IngestError(f"{p}: unreadable DICOM header ({exc})") from exc
+            if str(getattr(ds, "SOPClassUID", "")) == MEDIA_STORAGE_DIRECTORY:
+                other.append(p)  # DICOMDIR: an index of the files, not an image
+                continue
             uid = str(getattr(ds, "SeriesInstanceUID", "") or "")
             if not uid:
                 raise IngestError(f"{p}: DICOM file without SeriesInstanceUID")
@@ -345,8 +393,16 @@ def classify(series: dict[str, SeriesRecord]) -> None:
             rec.kind, rec.note = "ignored", f"modality {m or '?'} not used"
 
 
-def label_sessions(series: dict[str, SeriesRecord], sheet: PatientSheet, cfg: IngestConfig) -> dict[str, dict[str, Any]]:
-    """Session id per study, from header facts and the sheet. Returns session facts by id."""
+def label_sessions(series: dict[str, SeriesRecord], sheet: PatientSheet, cfg: IngestConfig,
+                   flags: list[Flag] | None = None) -> dict[str, dict[str, Any]]:
+    """Session id per study, from header facts and the sheet. Returns session facts by id.
+
+    SPECT studies are grouped into cycles by their injection date-time: administrations less than
+    ``plausibility.min_cycle_interval_days`` apart are one cycle's, and must agree to within
+    ``plausibility.injection_agreement_min`` (flagged, appended to ``flags``, when they do not) and to
+    within 12 h (refused otherwise: a wrong date in one header never becomes a new cycle).
+    """
+    flags = [] if flags is None else flags
     by_study: dict[str, list[SeriesRecord]] = {}
     for rec in series.values():
         if rec.kind in ("ct", "mr", "pet", "spect_nm", "spect_pt"):
@@ -390,8 +446,8 @@ def label_sessions(series: dict[str, SeriesRecord], sheet: PatientSheet, cfg: In
                       "route_source": "sheet" if sheet.ia_pet_study_instance_uid else "header"}
 
     # -- SPECT: cycles by injection time, hours after injection
-    injections: list[dt.datetime] = []
-    spect_info = {}
+    rules = cfg.plausibility
+    spect_info: dict[str, tuple[dt.datetime, dt.datetime]] = {}
     for s, recs in spect_studies.items():
         inj, _ = _spect_injection(recs[0], sheet)
         acq = _series_datetime(recs[0].header)
@@ -399,12 +455,41 @@ def label_sessions(series: dict[str, SeriesRecord], sheet: PatientSheet, cfg: In
             raise IngestError(f"SPECT series {recs[0].uid} ({recs[0].paths[0]}): injection or acquisition date/time "
                               f"missing (RadiopharmaceuticalStartDateTime, SeriesDate/SeriesTime; the injection may "
                               f"be given in the patient's SPECT sheet)")
+        if acq < inj - dt.timedelta(minutes=1):
+            raise IngestError(f"SPECT series {recs[0].uid} ({recs[0].paths[0]}): acquired {acq} before its injection "
+                              f"{inj} (RadiopharmaceuticalStartDateTime or SeriesDate/SeriesTime wrong)")
         spect_info[s] = (inj, acq)
-        if not any(abs((inj - i).total_seconds()) < 12 * 3600 for i in injections):
-            injections.append(inj)
-    injections.sort()
+    # one cycle = administrations closer than min_cycle_interval_days (single linkage in time)
+    cycles: list[list[str]] = []
+    for s in sorted(spect_info, key=lambda k: spect_info[k][0]):
+        if cycles and (spect_info[s][0] - spect_info[cycles[-1][-1]][0]) < dt.timedelta(
+                days=rules.min_cycle_interval_days):
+            cycles[-1].append(s)
+        else:
+            cycles.append([s])
+    cycle_of: dict[str, int] = {}
+    for n, members in enumerate(cycles, start=1):
+        times = [spect_info[m][0] for m in members]
+        first = min(members, key=lambda m: spect_info[m][0])
+        last = max(members, key=lambda m: spect_info[m][0])
+        spread_min = (max(times) - min(times)).total_seconds() / 60.0
+        if spread_min >= 12 * 60:
+            a, b = spect_studies[first][0], spect_studies[last][0]
+            raise IngestError(
+                f"SPECT series {b.uid} ({b.paths[0]}): injection {spect_info[last][0]} and SPECT series {a.uid} "
+                f"({a.paths[0]}): injection {spect_info[first][0]} are {spread_min / 60:.1f} h apart, less than "
+                f"plausibility.min_cycle_interval_days ({rules.min_cycle_interval_days:g} d): one cycle's SPECTs "
+                f"must share one administration (a wrong RadiopharmaceuticalStartDateTime? correct it, or give "
+                f"injection_datetime in the patient's SPECT sheet)")
+        if spread_min > rules.injection_agreement_min:
+            b = spect_studies[last][0]
+            flags.append(Flag("ingest", "injection_disagreement_min", spread_min, 0.0, rules.injection_agreement_min,
+                              "min", f"cycle {n}",
+                              f"{b.paths[0]}: RadiopharmaceuticalStartDateTime vs the cycle's other SPECT series"))
+        for m in members:
+            cycle_of[m] = n
     for s, (inj, acq) in sorted(spect_info.items(), key=lambda kv: kv[1][1]):
-        cycle = 1 + min(range(len(injections)), key=lambda i: abs((inj - injections[i]).total_seconds()))
+        cycle = cycle_of[s]
         hours = (acq - inj).total_seconds() / 3600.0
         nominal = round(hours / cfg.spect_hours_rounding) * cfg.spect_hours_rounding
         base = f"spect_c{cycle}_{nominal:g}h"
@@ -416,7 +501,6 @@ def label_sessions(series: dict[str, SeriesRecord], sheet: PatientSheet, cfg: In
         facts[sid] = {"cycle": cycle, "hours_pi": hours, "nominal_hours_pi": nominal,
                       "route": _route(spect_studies[s][0].header), "radionuclide": "Lu-177",
                       "injection_datetime": inj.isoformat()}
-
     # -- MR and CT-only studies
     for kind in ("mr", "ct"):
         for s, recs in sorted(by_study.items(), key=lambda kv: _series_datetime(kv[1][0].header) or dt.datetime.min):
@@ -442,9 +526,12 @@ def _write_image(img: sitk.Image, path: Path, sidecar: dict[str, Any]) -> None:
     # CTs; write plain NIfTI and gzip it at level 1 instead (most of the size gain, a fraction of the time)
     raw = path.with_name(path.name[: -len(".gz")])
     sitk.WriteImage(img, str(raw), useCompression=False)
-    with open(raw, "rb") as src, gzip.open(path, "wb", compresslevel=1) as dst:
+    # no file name and mtime 0 in the gzip header: the same image gives the same bytes (and SHA-256) every run
+    with open(raw, "rb") as src, open(path, "wb") as fh, \
+            gzip.GzipFile(filename="", mode="wb", fileobj=fh, compresslevel=1, mtime=0) as dst:
         shutil.copyfileobj(src, dst, length=16 * 1024 * 1024)
     raw.unlink()
+    sidecar = {**sidecar, "sha256": sha256_of(path)}  # checked by every later reader (prrtquant.io.read_image)
     path.with_name(path.name.replace(".nii.gz", ".json")).write_text(json.dumps(sidecar, indent=1, default=str))
 
 
@@ -470,6 +557,7 @@ class _Ctx:
     grids: dict[str, Grid]  # series uid -> grid of written image
     mapper: RoiMapper
     bounds: list[Violation] = field(default_factory=list)  # physically impossible values found
+    flags: list[Flag] = field(default_factory=list)  # implausible values that may be real (config plausibility)
 
     def add(self, **kw: Any) -> None:
         row = {c: "" for c in INVENTORY_COLUMNS}
@@ -529,6 +617,8 @@ def _ingest_pet(ctx: _Ctx, rec: SeriesRecord, facts: dict[str, Any], sheet: Pati
         conv = convert_pet_series(s.datasets, weight_kg_override=override, source=f"{s.paths[0]} (series {rec.uid})")
     except SuvError as exc:
         raise IngestError(str(exc)) from exc
+    flags = _pet_plausibility(rec, s.paths[0], conv, override, header_weight, cfg.plausibility)
+    ctx.flags.extend(flags)
     rel = Path(rec.session) / "pet.nii.gz"
     side = {"modality": "PT", "units": "Bq/mL", "quantity": "activity concentration",
             "radionuclide": conv.radionuclide, "half_life_s": conv.half_life_s,
@@ -541,10 +631,58 @@ def _ingest_pet(ctx: _Ctx, rec: SeriesRecord, facts: dict[str, Any], sheet: Pati
             "sex": conv.sex, "route": facts.get("route"), "route_source": facts.get("route_source"),
             "source_series_instance_uid": rec.uid, "study_instance_uid": rec.study_uid,
             "frame_of_reference_uid": rec.frame_uid, "scanner": _scanner(rec.header),
-            "notes": notes + list(conv.notes), "prrtquant_version": __version__}
+            "notes": notes + list(conv.notes), "plausibility": [f.as_dict() for f in flags],
+            "prrtquant_version": __version__}
     _write_image(_image(conv.bqml, s.grid), ctx.out / rel, side)
     ctx.grids[rec.uid] = s.grid
-    ctx.add(**_base_row(rec, facts), role="pet", units="Bq/mL", path=str(rel))
+    ctx.add(**_base_row(rec, facts), role="pet", units="Bq/mL", path=str(rel),
+            note="; ".join(f.message for f in flags))
+
+
+def _header_number(ds: pydicom.Dataset, keyword: str) -> float | None:
+    try:
+        v = getattr(ds, keyword, None)
+        return None if v in (None, "") else float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def _pet_plausibility(rec: SeriesRecord, path: Path, conv: Any, override: float | None, header_weight: Any,
+                      rules: PlausibilitySettings) -> list[Flag]:
+    """Refuse a PET whose weight, height or administered activity no patient has; flag an uptake time
+    outside the protocol's and a sheet weight that disagrees with the header's (config ``plausibility``)."""
+    where = f"{path} (series {rec.uid})"
+    hw = _header_number(rec.header, "PatientWeight")
+    hw_kg = None if hw is None or hw <= 0 else (hw / 1000.0 if hw > 1000.0 else hw)
+    try:
+        if override is None:
+            check_range(conv.weight_kg, rules.weight_kg, "PatientWeight (0010,1030)", "kg", where)
+        else:
+            check_range(conv.weight_kg, rules.weight_kg, "weight_kg of the patient sheet", "kg",
+                        f"patient sheet (for {where})")
+        if conv.height_m is not None:
+            check_range(conv.height_m, rules.height_m, "PatientSize (0010,1020)", "m", where)
+        if conv.radionuclide == "Ga-68":
+            check_range(conv.injected_activity_bq / 1e6, rules.pet_activity_mbq,
+                        "RadionuclideTotalDose (0018,1074)", "MBq", where)
+    except ImplausibleValue as exc:
+        raise IngestError(str(exc)) from None
+    flags: list[Flag] = []
+    if override is not None and hw_kg is not None and abs(override - hw_kg) > rules.sheet_weight_rtol * hw_kg:
+        flags.append(Flag("ingest", "sheet_weight_kg", float(override), hw_kg * (1 - rules.sheet_weight_rtol),
+                          hw_kg * (1 + rules.sheet_weight_rtol), "kg", rec.session,
+                          f"patient sheet weight_kg vs PatientWeight {hw_kg:g} kg of {where}"))
+    scan = _series_datetime(rec.header) or conv.reference_time
+    uptake_min = (scan - conv.injection_time).total_seconds() / 60.0
+    if not (-1.0 <= uptake_min <= 360.0):  # a minute of clock skew between injector and scanner tolerated
+        raise IngestError(f"{where}: injection (RadiopharmaceuticalStartDateTime {conv.injection_time}) to scan "
+                          f"({scan}) is {uptake_min:.0f} min; a PET is acquired 0-360 min after the injection "
+                          f"(wrong date or time?)")
+    flags += flag_range(uptake_min, rules.pet_uptake_min, "uptake_time_min", "min", rec.session,
+                        f"{where}: RadiopharmaceuticalStartDateTime to SeriesTime")
+    for f in flags:
+        log.warning("%s", f.message)
+    return flags
 
 
 def _spect_values(rec: SeriesRecord, row: SpectSheetRow | None, cfg: IngestConfig, notes: list[str],
@@ -634,6 +772,19 @@ def _ingest_spect(ctx: _Ctx, rec: SeriesRecord, facts: dict[str, Any], sheet: Pa
     else:
         raise IngestError(f"{where}: RadionuclideTotalDose missing (give injected_activity_mbq in the patient's SPECT "
                           f"sheet)")
+    try:
+        check_range(injected_bq / 1e6, cfg.plausibility.spect_activity_mbq,
+                    "injected_activity_mbq of the SPECT sheet" if sources["injected_activity"] == "sheet"
+                    else "RadionuclideTotalDose (0018,1074)", "MBq", where)
+    except ImplausibleValue as exc:
+        raise IngestError(str(exc)) from None
+    flags: list[Flag] = []
+    if facts.get("hours_pi") is not None:
+        flags += flag_range(float(facts["hours_pi"]), cfg.plausibility.spect_hours, "hours_after_injection", "h",
+                            rec.session, f"{where}: injection ({sources['injection_datetime']}) to SeriesTime")
+    ctx.flags.extend(flags)
+    for f in flags:
+        log.warning("%s", f.message)
     arr, grid, units_in, dc, duration = _spect_values(rec, row, cfg, notes, sources)
     acq = _series_datetime(ds)
     cal = None
@@ -675,7 +826,7 @@ def _ingest_spect(ctx: _Ctx, rec: SeriesRecord, facts: dict[str, Any], sheet: Pa
             "acquisition_datetime": _iso(acq), "acquisition_duration_s": duration,
             "decay_correction": "NONE", "decay_correction_in_header": dc,
             "field_of_view_activity_mbq": fov_mbq, "value_sources": sources,
-            "physical_bounds": [v.as_dict() for v in bounds],
+            "physical_bounds": [v.as_dict() for v in bounds], "plausibility": [f.as_dict() for f in flags],
             "cycle": facts.get("cycle"), "hours_pi": facts.get("hours_pi"),
             "source_series_instance_uid": rec.uid, "study_instance_uid": rec.study_uid,
             "frame_of_reference_uid": rec.frame_uid, "scanner": _scanner(ds), "notes": notes,
@@ -683,7 +834,7 @@ def _ingest_spect(ctx: _Ctx, rec: SeriesRecord, facts: dict[str, Any], sheet: Pa
     _write_image(_image(arr, grid), ctx.out / rel, side)
     ctx.grids[rec.uid] = grid
     ctx.add(**_base_row(rec, facts), role="spect", units="Bq/mL", path=str(rel),
-            note="; ".join(v.message for v in bounds))
+            note="; ".join([v.message for v in bounds] + [f.message for f in flags]))
 
 
 def _referenced_series_rtstruct(ds: pydicom.Dataset) -> str | None:
@@ -856,15 +1007,20 @@ def ingest(dicom_dir: str | Path, out_dir: str | Path, sheet: PatientSheet, conf
     root, out = Path(dicom_dir), Path(out_dir)
     if not root.is_dir():
         raise IngestError(f"{root}: not a directory")
+    if out.exists() and not out.is_dir():
+        raise IngestError(f"{out}: exists and is not a folder; refusing to replace it")
     if out.exists() and any(out.iterdir()) and not (out / "inventory.tsv").exists():
         raise IngestError(f"{out}: exists, is not empty and is not an ingest output; refusing to replace it")
     series, nifti, other = scan(root)
     if not series:
         raise IngestError(f"{root}: no DICOM files found")
     classify(series)
-    facts = label_sessions(series, sheet, cfg)
+    session_flags: list[Flag] = []
+    facts = label_sessions(series, sheet, cfg, session_flags)
     with atomic_directory(out) as tmp:
-        ctx = _Ctx(out=tmp, rows=[], grids={}, mapper=RoiMapper(cfg.roi_map))
+        ctx = _Ctx(out=tmp, rows=[], grids={}, mapper=RoiMapper(cfg.roi_map), flags=session_flags)
+        for f in session_flags:
+            log.warning("%s", f.message)
         order = sorted(series.values(), key=lambda r: (r.session, r.kind, r.uid))
         for rec in order:
             f = facts.get(rec.session, {})
@@ -891,7 +1047,8 @@ def ingest(dicom_dir: str | Path, out_dir: str | Path, sheet: PatientSheet, conf
         (tmp / "sessions.json").write_text(json.dumps({"patient": sheet.patient, "design": sheet.design,
                                                         "treated_lobe": sheet.treated_lobe, "sessions": facts,
                                                         "ignored_files": len(other),
-                                                        "physical_bounds": [v.as_dict() for v in ctx.bounds]},
+                                                        "physical_bounds": [v.as_dict() for v in ctx.bounds],
+                                                        "plausibility": [f.as_dict() for f in ctx.flags]},
                                                        indent=1, default=str))
     log.info("%s: %d sessions, %d files written, %d non-DICOM files ignored", sheet.patient, len(facts),
              int((inv["path"] != "").sum()), len(other))

@@ -104,3 +104,79 @@ def write_failure(folder: str | Path, stage: str, error: str, upstream: bool = F
     with atomic_directory(folder) as tmp:
         (tmp / FAILED).write_text(json.dumps({"status": "failed", "stage": stage, "error": error,
                                               "upstream": upstream}, indent=1))
+
+
+class CorruptImageError(ValueError):
+    """A stage's NIfTI intermediate that is not what was written (truncated, emptied, modified)."""
+
+
+def sha256_of(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(8 * 1024 * 1024), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sidecar_of(path: str | Path) -> Path:
+    """The JSON sidecar of an image: ``x.nii.gz`` -> ``x.json``."""
+    p = Path(path)
+    return p.with_name(p.name.replace(".nii.gz", ".json") if p.name.endswith(".nii.gz") else p.stem + ".json")
+
+
+def check_nifti(path: str | Path) -> None:
+    """Refuse a NIfTI file whose size does not match its header, or whose bytes differ from the SHA-256
+    its sidecar records (``sha256``, written by ingest).
+
+    ITK reads a truncated ``.nii.gz`` as an image padded with zeros; the gzip trailer's ISIZE (the
+    uncompressed length mod 2**32, the last four bytes of a one-member gzip file as written here) must
+    equal the header's ``vox_offset + voxels * bytes per voxel``.
+    """
+    import json
+    import struct
+
+    import nibabel as nib
+
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+        img = nib.load(str(p))  # header only; nibabel keeps the on-disk data offset on the array proxy
+        hdr = img.header
+        expected = int(img.dataobj.offset) + int(math.prod(int(d) for d in hdr.get_data_shape())) * (
+            int(hdr["bitpix"]) // 8)
+        if p.name.endswith(".gz"):
+            with open(p, "rb") as fh:
+                fh.seek(-4, os.SEEK_END)
+                isize = struct.unpack("<I", fh.read(4))[0]
+            ok = size > 18 and isize == expected % 2**32
+        else:
+            ok = size >= expected
+    except (OSError, EOFError, ValueError, struct.error, nib.filebasedimages.ImageFileError) as exc:
+        raise CorruptImageError(f"{p}: not a readable NIfTI image ({exc})") from exc
+    if not ok:
+        raise CorruptImageError(f"{p}: truncated or damaged ({size} bytes on disk do not hold the "
+                                f"{expected} bytes its header describes); rerun the stage that wrote it")
+    side = sidecar_of(p)
+    if side.exists():
+        try:
+            want = json.loads(side.read_text()).get("sha256")
+        except (OSError, ValueError):
+            want = None
+        if want and sha256_of(p) != want:
+            raise CorruptImageError(f"{p}: its bytes differ from the SHA-256 recorded in {side.name} (modified "
+                                    f"or damaged since it was written); rerun the stage that wrote it (edited on "
+                                    f"purpose? put its new SHA-256 into the sidecar's sha256)")
+
+
+def read_image(path: str | Path, pixel_type: int | None = None) -> Any:
+    """A stage intermediate as a SimpleITK image, after :func:`check_nifti`; errors name the file."""
+    import SimpleITK as sitk
+
+    check_nifti(path)
+    try:
+        return sitk.ReadImage(str(path), pixel_type) if pixel_type is not None else sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise CorruptImageError(f"{path}: cannot be read as an image ({str(exc).strip().splitlines()[-1]})") from exc

@@ -35,7 +35,8 @@ import pandas as pd
 import SimpleITK as sitk
 
 from . import __version__
-from .io import atomic_directory, json_ready
+from .plausibility import PlausibilitySettings, flag_range
+from .io import atomic_directory, json_ready, read_image
 from .bounds import BoundsSettings, Violation, check_activity, flag_text, raise_if_any
 from .regions import RegionSettings, session_regions
 from .quantify import (
@@ -121,7 +122,7 @@ class _Patient:
         self.mask_table = pd.read_csv(register_dir / "masks.tsv", sep="\t", dtype=str, keep_default_na=False)
         ref, source = self.qc["reference_session"], self.qc["mask_source"]
         rows = self.inv[(self.inv.session == ref) & (self.inv.role == "mask") & (self.inv.mask_source == source)]
-        self.ref_masks = {r.roi: sitk.ReadImage(str(ingest_dir / r.path)) for r in rows.itertuples()}
+        self.ref_masks = {r.roi: read_image(str(ingest_dir / r.path)) for r in rows.itertuples()}
         self.lesions = sorted((r for r in self.ref_masks if r.startswith("lesion_")), key=_number)
         self.extra = sorted((r for r in self.ref_masks if r.startswith("extrahepatic_")), key=_number)
 
@@ -131,7 +132,7 @@ class _Patient:
             return None
         path = self.ing / rows.iloc[0].path
         side = json.loads(path.with_name(path.name.replace(".nii.gz", ".json")).read_text())
-        return sitk.ReadImage(str(path), sitk.sitkFloat64), side
+        return read_image(str(path), sitk.sitkFloat64), side
 
     def spect_sessions(self) -> list[tuple[str, dict[str, Any]]]:
         out = [(s, d) for s, d in self.sessions.get("sessions", {}).items() if s.startswith("spect_")]
@@ -349,7 +350,7 @@ def _spect_part(pt: _Patient, s: QuantifySettings, lobes: Mapping[str, tuple[str
 
 def quantify_patient(ingest_dir: str | Path, register_dir: str | Path, out_dir: str | Path,
                      settings: QuantifySettings | None = None, bounds: BoundsSettings | None = None,
-                     fail_on_bounds: bool = False) -> dict[str, Any]:
+                     fail_on_bounds: bool = False, plausibility_rules: PlausibilitySettings | None = None) -> dict[str, Any]:
     """Compute every endpoint of one patient; return the content of ``eligibility.json``.
 
     ``bounds``: physical plausibility (:mod:`prrtquant.bounds`) of every SPECT activity; a violation is
@@ -376,6 +377,17 @@ def quantify_patient(ingest_dir: str | Path, register_dir: str | Path, out_dir: 
     targets = [l for l in pt.lesions if not (design == "lobar_ia" and treated)
                or lobes.get(l, ("", 0.0))[0] == treated]
     flags = [f"registration:{x}" for x in pt.qc.get("failed_sessions", [])]
+    plausibility = list(pt.sessions.get("plausibility") or [])  # ingest's flagged header values
+    rules = plausibility_rules or PlausibilitySettings()
+    for key, sid in (("iv", "pet_iv"), ("ia", "pet_ia")):  # a wrong scale shows in the healthy liver first
+        v = stats.get(key, {}).get("healthy_liver", {}).get("suvmean")
+        if v is not None and math.isfinite(v):
+            for f in flag_range(v, rules.liver_suv, "healthy_liver_suvmean", "g/mL", sid,
+                                f"{Path(ingest_dir) / sid / 'pet.nii.gz'}: healthy liver SUVbw mean", stage="quantify"):
+                log.warning("%s", f.message)
+                plausibility.append(f.as_dict())
+    flags += [f"plausibility:{f.get('where')}:{f.get('quantity')}" for f in plausibility
+              if str(f.get("where", "")).startswith("pet")]  # the PETs the enhancement ratio comes from
     if ia and iv:
         elig = eligibility(er, statistic=s.statistic, threshold=s.threshold, max_lesions=s.max_lesions,
                            qc_flags=flags, lesions=[l for l in targets if l in er.index])
@@ -414,6 +426,7 @@ def quantify_patient(ingest_dir: str | Path, register_dir: str | Path, out_dir: 
                                         and v["ratio_to_healthy_liver_iv"] >= s.sstr_threshold)},
                "physical_bounds": upstream + [v.as_dict() for v in violations],
                "physical_bounds_flagged": bool(upstream or violations),
+               "plausibility": plausibility,
                "notes": notes, "prrtquant_version": __version__}
     elig["notes"] = notes
     for n in notes:

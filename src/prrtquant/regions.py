@@ -18,6 +18,7 @@ import pandas as pd
 import SimpleITK as sitk
 
 from .quantify import healthy_liver_mask
+from .io import read_image
 
 __all__ = ["RegionSettings", "HEALTHY_LIVER", "lesion_names", "read_session_masks", "session_regions"]
 
@@ -58,7 +59,7 @@ def lesion_names(rois: Any) -> list[str]:
 def read_session_masks(register_dir: Path, table: pd.DataFrame, session: str, kind: str) -> dict[str, sitk.Image]:
     """The propagated masks of one session and kind, from the registration's ``masks.tsv``."""
     rows = table[(table.session == session) & (table.kind == kind)]
-    return {r.roi: sitk.ReadImage(str(Path(register_dir) / r.path)) for r in rows.itertuples()}
+    return {r.roi: read_image(str(Path(register_dir) / r.path)) for r in rows.itertuples()}
 
 
 def session_regions(register_dir: Path, table: pd.DataFrame, session: str, settings: RegionSettings,

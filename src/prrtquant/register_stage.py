@@ -40,7 +40,7 @@ import pandas as pd
 import SimpleITK as sitk
 
 from . import __version__
-from .io import atomic_directory
+from .io import atomic_directory, read_image
 from .registration import (
     RegistrationSettings,
     compose,
@@ -109,9 +109,9 @@ def _drawn_masks(ing: Path, rows: pd.DataFrame) -> tuple[dict[str, sitk.Image], 
     masks: dict[str, sitk.Image] = {}
     distances: dict[int, sitk.Image] = {}
     for r in rows.itertuples():
-        masks[r.roi] = sitk.ReadImage(str(ing / (getattr(r, "fine_path", "") or r.path)))
+        masks[r.roi] = read_image(str(ing / (getattr(r, "fine_path", "") or r.path)))
         if getattr(r, "distance_path", ""):
-            distances[id(masks[r.roi])] = sitk.ReadImage(str(ing / r.distance_path), sitk.sitkFloat32)
+            distances[id(masks[r.roi])] = read_image(str(ing / r.distance_path), sitk.sitkFloat32)
     return masks, distances
 
 
@@ -123,7 +123,7 @@ def register_patient(ingest_dir: str | Path, out_dir: str | Path, settings: Regi
     inv = _read_inventory(ing)
     ref, source = _reference(inv, mask_source, reference_session)
     ref_ct_row = inv[(inv.session == ref) & (inv.role == "ct")].iloc[0]
-    ref_ct = sitk.ReadImage(str(ing / ref_ct_row.path))
+    ref_ct = read_image(str(ing / ref_ct_row.path))
     mrows = inv[(inv.session == ref) & (inv.role == "mask") & (inv.mask_source == source)]
     # the finely rasterised copy of a contour mask when ingest wrote one (same ROI, sub-voxel shape)
     masks, drawn_distances = _drawn_masks(ing, mrows)
@@ -137,7 +137,7 @@ def register_patient(ingest_dir: str | Path, out_dir: str | Path, settings: Regi
         for row in inv[(inv.role == "ct") & (inv.session != ref)].itertuples():
             if row.session in to_ref:
                 continue
-            moving = sitk.ReadImage(str(ing / row.path))
+            moving = read_image(str(ing / row.path))
             res = register_ct(ref_ct, moving, settings)
             assert res.inverse is not None
             write_transform(res.inverse, tmp / "transforms" / f"{row.session}_to_reference.tfm")
@@ -186,7 +186,7 @@ def register_patient(ingest_dir: str | Path, out_dir: str | Path, settings: Regi
         for row in inv[inv.role == "mr"].itertuples():
             if row.session in ref_to_mr:
                 continue
-            mr = sitk.ReadImage(str(ing / row.path))
+            mr = read_image(str(ing / row.path))
             res = register_mr_to_ct(ref_ct, mr, settings)
             assert res.inverse is not None
             write_transform(res.inverse, tmp / "transforms" / f"{row.session}_to_reference.tfm")
@@ -221,12 +221,12 @@ def register_patient(ingest_dir: str | Path, out_dir: str | Path, settings: Regi
             if row.session not in to_ref:
                 qc.setdefault(row.session, {"passed": False, "reasons": ["no CT in this session to register"]})
                 continue
-            target = sitk.ReadImage(str(ing / row.path))
+            target = read_image(str(ing / row.path))
             s2r = to_ref[row.session] or sitk.Transform(3, sitk.sitkIdentity)
             em_to_ct: sitk.Transform | None = None
             if row.frame_of_reference_uid != ct_frame[row.session]:
                 ct_row = inv[(inv.session == row.session) & (inv.role == "ct")].iloc[0]
-                session_ct = ref_ct if row.session == ref else sitk.ReadImage(str(ing / ct_row.path))
+                session_ct = ref_ct if row.session == ref else read_image(str(ing / ct_row.path))
                 eres = register_emission_to_ct(session_ct, target, settings)
                 em_to_ct = eres.inverse
                 assert em_to_ct is not None

@@ -614,15 +614,22 @@ def convert_pet_series(datasets: Sequence[pydicom.Dataset], weight_kg_override: 
         slope = _num_attr(ctx, ds, "RescaleSlope", "RescaleSlope (0028,1053)")
         intercept = _num_attr(ctx, ds, "RescaleIntercept", "RescaleIntercept (0028,1052)")
         if slope is None:
+            if any(_get(other, "RescaleSlope") not in (None, "") for other in datasets):
+                raise ctx.error(f"RescaleSlope (0028,1053) missing on slice {i} but present on other slices")
             slope = 1.0
-            ctx.note("RescaleSlope missing on some slices: 1.0 assumed (identity modality LUT)")
+            if i == 0:
+                ctx.note("RescaleSlope missing on every slice: 1.0 assumed (identity modality LUT)")
         if intercept not in (None, 0.0):
             raise ctx.error(f"RescaleIntercept (0028,1052) is {intercept} on slice {i}; "
                             "PET requires 0")
         if not (math.isfinite(slope) and slope > 0):
             raise ctx.error(f"RescaleSlope (0028,1053) is {slope} on slice {i}")
         slopes.append(slope)
-        slabs.append(px * slope)
+        with np.errstate(over="ignore", invalid="ignore"):
+            slab = px * slope
+        if not np.all(np.isfinite(slab)):
+            raise ctx.error(f"RescaleSlope (0028,1053) {slope:g} on slice {i} gives values that are not finite")
+        slabs.append(slab)
     values = np.stack(slabs)  # stored values with slope applied, in header Units
     if len(set(slopes)) > 1:
         ctx.note(f"RescaleSlope varies between slices ({len(set(slopes))} values), applied slice-wise")
@@ -698,9 +705,9 @@ def convert_pet_series(datasets: Sequence[pydicom.Dataset], weight_kg_override: 
     if half_life is not None and half_life > 0:
         by_hl = _nuclide_from_half_life(half_life)
         if code_nuclide is not None and abs(half_life - code_nuclide.half_life_s) > 0.01 * code_nuclide.half_life_s:
-            ctx.note(f"RadionuclideHalfLife {half_life:g} s does not match the coded radionuclide "
-                     f"{code_nuclide.name} ({code_nuclide.half_life_s:g} s); header half-life used")
-            nuclide_name = by_hl.name if by_hl else None
+            raise ctx.error(f"RadionuclideHalfLife (0018,1075) {half_life:g} s does not match the coded "
+                            f"radionuclide {code_nuclide.name} ({code_nuclide.half_life_s:g} s, 1 % tolerance); "
+                            f"one of them is wrong")
         else:
             nuclide_name = code_nuclide.name if code_nuclide else (by_hl.name if by_hl else None)
     elif code_nuclide is not None:

@@ -7,7 +7,7 @@ rule ingest:
         directory(f"{RESULTS}/{{patient}}/ingest"),
     params:
         # the validated config (overrides and schema defaults included): a change reruns the job
-        config=stage_config(config, "ingest", "physical_bounds"),
+        config=stage_config(config, "ingest", "physical_bounds", "plausibility"),
         on_error=config["on_patient_error"],
     log:
         f"{RESULTS}/logs/ingest/{{patient}}.log",

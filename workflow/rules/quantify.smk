@@ -13,7 +13,7 @@ rule quantify:
         ),
     params:
         # the validated config (overrides and schema defaults included): a change reruns the job
-        config=stage_config(config, "quantify", "physical_bounds"),
+        config=stage_config(config, "quantify", "physical_bounds", "plausibility"),
         on_error=config["on_patient_error"],
     log:
         f"{RESULTS}/logs/quantify/{{patient}}.log",
