@@ -52,6 +52,16 @@ def test_outputs_written(dosimetry):
                      "density_g_ml.nii.gz", "rtdose_local.dcm", "rtdose_kernel.dcm"):
             assert (out / "dose" / cycle / name).is_file(), (cycle, name)
     assert (out / "tac" / "c1_kidney_left.png").is_file()
+    # every configured model has its row in every fitted region and cycle: 4 time points leave bi (4
+    # parameters) and tri (5) unfitted, with the reason
+    fits = pd.read_csv(out / "fits.tsv", sep="\t", keep_default_na=False)
+    keys = [c for c in ("cycle", "region") if c in fits.columns]
+    fitted = fits[fits.model.isin(SETTINGS.models)]
+    for _, g in fitted.groupby(keys):
+        assert sorted(g.model) == sorted(SETTINGS.models), g[["model", "flags"]]
+        for r in g.itertuples():
+            if D.MODELS[r.model].k >= int(r.n_points):
+                assert r.flags.startswith("skipped: ") and str(r.chosen) in ("False", "false"), r
     assert set(summary["cycles"]) == {"1", "2"}
     assert summary["cycles"]["1"]["time_points"] == load_truth("P01")["cycles"]["1"]["time_points"]
     truth = load_truth("P01")

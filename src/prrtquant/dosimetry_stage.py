@@ -119,6 +119,11 @@ def _tia_region(t: list[float], a: list[float], s: D.DosimetrySettings, injected
         fits, chosen = D.fit_tac(t, a, lam, s.models, s.activity_cv, injected_mbq, s.max_tail_fraction,
                                  s.uncertainty_samples)
         fit_rows = [f.row() for f in fits]
+        fitted = {f.model for f in fits}
+        fit_rows += [{"model": m, "n_points": n, "n_params": D.MODELS[m].k, "chosen": False, "converged": False,
+                      "physical": False,
+                      "flags": f"skipped: {D.MODELS[m].k} parameters need at least {D.MODELS[m].k + 1} time points"}
+                     for m in s.models if m not in fitted]  # every configured model has its row and reason
         if chosen is not None:
             out.update(tia_mbq_h=chosen.tia_mbq_h, tia_sd_mbq_h=chosen.tia_sd_mbq_h, method=f"fit:{chosen.model}",
                        effective_half_life_h=math.log(2) / chosen.terminal_rate_per_h)
