@@ -40,7 +40,7 @@ import SimpleITK as sitk
 
 from . import __version__
 from . import dosimetry as D
-from .io import atomic_directory, read_image
+from .io import atomic_directory, read_image, sidecar_of
 from .quantify import region_stats
 from .bounds import (BoundsSettings, Violation, check_activity, check_non_negative, check_tia, flag_text,
                      raise_if_any)
@@ -95,7 +95,7 @@ def _regions(rois: set[str]) -> list[str]:
 
 
 def _sidecar(path: Path) -> dict[str, Any]:
-    return json.loads(path.with_name(path.name.replace(".nii.gz", ".json")).read_text())
+    return json.loads(sidecar_of(path).read_text())
 
 
 def _density_on(spect: sitk.Image, ct: sitk.Image | None, s: D.DosimetrySettings) -> sitk.Image | None:

@@ -37,10 +37,10 @@ import pydicom
 import SimpleITK as sitk
 
 from . import __version__
-from .dicom_values import combine, parse_datetime
+from .dicom_values import combine, number, parse_datetime
 from .dicom_series import SeriesError, load_sliced_series, rescaled_volume
 from .geometry import Grid
-from .io import atomic_directory, is_dicom_file, sha256_of
+from .io import atomic_directory, is_dicom_file, sha256_of, sidecar_of
 from .masks import MaskError, contour_distance_maps, rasterize_rtstruct, rtstruct_rois
 from .bounds import DEFAULT_TOLERANCE, BoundsSettings, Violation, check_activity, raise_if_any
 from .plausibility import Flag, ImplausibleValue, PlausibilitySettings, check_range, flag_range
@@ -532,7 +532,7 @@ def _write_image(img: sitk.Image, path: Path, sidecar: dict[str, Any]) -> None:
         shutil.copyfileobj(src, dst, length=16 * 1024 * 1024)
     raw.unlink()
     sidecar = {**sidecar, "sha256": sha256_of(path)}  # checked by every later reader (prrtquant.io.read_image)
-    path.with_name(path.name.replace(".nii.gz", ".json")).write_text(json.dumps(sidecar, indent=1, default=str))
+    sidecar_of(path).write_text(json.dumps(sidecar, indent=1, default=str))
 
 
 def _image(arr: np.ndarray, grid: Grid, dtype: Any = np.float32) -> sitk.Image:
@@ -639,20 +639,15 @@ def _ingest_pet(ctx: _Ctx, rec: SeriesRecord, facts: dict[str, Any], sheet: Pati
             note="; ".join(f.message for f in flags))
 
 
-def _header_number(ds: pydicom.Dataset, keyword: str) -> float | None:
-    try:
-        v = getattr(ds, keyword, None)
-        return None if v in (None, "") else float(v)
-    except (TypeError, ValueError):
-        return None
-
-
 def _pet_plausibility(rec: SeriesRecord, path: Path, conv: Any, override: float | None, header_weight: Any,
                       rules: PlausibilitySettings) -> list[Flag]:
     """Refuse a PET whose weight, height or administered activity no patient has; flag an uptake time
     outside the protocol's and a sheet weight that disagrees with the header's (config ``plausibility``)."""
     where = f"{path} (series {rec.uid})"
-    hw = _header_number(rec.header, "PatientWeight")
+    try:
+        hw = number(rec.header.get("PatientWeight"))
+    except ValueError:
+        hw = None
     hw_kg = None if hw is None or hw <= 0 else (hw / 1000.0 if hw > 1000.0 else hw)
     try:
         if override is None:

@@ -36,7 +36,7 @@ import SimpleITK as sitk
 
 from . import __version__
 from .plausibility import PlausibilitySettings, flag_range
-from .io import atomic_directory, json_ready, read_image
+from .io import atomic_directory, json_ready, read_image, sidecar_of
 from .bounds import BoundsSettings, Violation, check_activity, flag_text, raise_if_any
 from .regions import RegionSettings, session_regions
 from .quantify import (
@@ -131,7 +131,7 @@ class _Patient:
         if rows.empty:
             return None
         path = self.ing / rows.iloc[0].path
-        side = json.loads(path.with_name(path.name.replace(".nii.gz", ".json")).read_text())
+        side = json.loads(sidecar_of(path).read_text())
         return read_image(str(path), sitk.sitkFloat64), side
 
     def spect_sessions(self) -> list[tuple[str, dict[str, Any]]]:
