@@ -153,9 +153,14 @@ def test_weight_in_grams_is_handled(pet, tmp_path, clean_pet):
     _same_as(out, clean_pet)
 
 
-def test_implausible_height_is_refused(pet, tmp_path):
+def test_implausible_height_is_flagged(pet, tmp_path, clean_pet):
+    """PatientSize is Type 3 and only enters SUL and SUV-BSA: flagged, the activity and SUVbw unchanged."""
     _edit(_files(pet, "ST001"), lambda ds: setattr(ds, "PatientSize", "2.9"))
-    _refused(pet, tmp_path, r"PatientSize \(0010,1020\) 2.9 m is outside the plausible 1.2-2.3 m")
+    out = _ingested(pet, tmp_path)
+    (flag,) = _flags(out)
+    assert flag["quantity"] == "height_m" and flag["value"] == 2.9 and flag["where"] == "pet_ia"
+    assert "PatientSize (0010,1020)" in flag["source"]
+    _same_as(out, clean_pet, "pet_ia/pet.nii.gz")
 
 
 @pytest.mark.parametrize("dose_bq", ["1.5e9", "5e6"])
@@ -245,14 +250,14 @@ def test_one_slice_without_rescale_slope_is_refused(pet, tmp_path):
 def test_one_slice_with_a_wrong_rescale_slope_is_refused(pet, tmp_path, slope, match):
     victim = _sorted_slices(pet, "ST000")[7]
     _edit([victim], lambda ds: setattr(ds, "RescaleSlope", slope))
-    _refused(pet, tmp_path, match, names=None if slope == "-1" else victim)
+    _refused(pet, tmp_path, match, names=victim)
 
 
 def test_one_slice_with_an_intercept_is_refused(pet, tmp_path):
     victim = _sorted_slices(pet, "ST001")[3]
+    assert all("RescaleIntercept" in pydicom.dcmread(p, stop_before_pixels=True) for p in _files(pet, "ST001"))
     _edit([victim], lambda ds: setattr(ds, "RescaleIntercept", "5"))
-    _refused(pet, tmp_path, "RescaleIntercept", names=victim if "RescaleIntercept" not in pydicom.dcmread(
-        _sorted_slices(pet, "ST001")[4], stop_before_pixels=True) else None)
+    _refused(pet, tmp_path, r"RescaleIntercept \(0028,1052\) is 5.0 on slice", names=victim)
 
 
 def test_one_slice_with_another_pixel_spacing_is_refused(pet, tmp_path):
@@ -284,6 +289,30 @@ def test_unreadable_slice_is_named(pet, tmp_path, where, damage):
     victim.write_bytes(b"" if damage == "empty" else bytes(range(256)) * 8)
     _refused(pet, tmp_path, "empty file among the DICOM files" if damage == "empty"
              else "not a readable DICOM file|unreadable DICOM header", names=victim)
+
+
+def test_slice_without_the_part10_header_is_refused(pet, tmp_path):
+    victim = _sorted_slices(pet, "ST000")[9]
+    from pydicom.filebase import DicomBytesIO
+
+    ds = pydicom.dcmread(victim)
+    buf = DicomBytesIO()
+    buf.is_little_endian, buf.is_implicit_VR = True, ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2"
+    pydicom.filewriter.write_dataset(buf, ds)  # the bare data set: no preamble, no file meta
+    victim.write_bytes(buf.getvalue())
+    assert pydicom.dcmread(victim, force=True).SOPClassUID == ds.SOPClassUID
+    _refused(pet, tmp_path, "without the Part 10 preamble", names=victim)
+
+
+def test_empty_marker_file_beside_the_images_is_ignored(pet, tmp_path, clean_pet):
+    (pet / "ST000" / "SE002" / "export.done").write_bytes(b"")
+    _same_as(_ingested(pet, tmp_path), clean_pet)
+
+
+def test_first_slice_without_pixel_spacing_is_refused(pet, tmp_path):
+    victim = _sorted_slices(pet, "ST000")[0]
+    _edit([victim], lambda ds: delattr(ds, "PixelSpacing"))
+    _refused(pet, tmp_path, "PixelSpacing missing", names=victim)
 
 
 def test_truncated_slice_is_named(pet, tmp_path):
@@ -328,8 +357,10 @@ def test_dicomdir_is_ignored(pet, tmp_path, clean_pet):
     ds.SOPClassUID = "1.2.840.10008.1.3.10"
     ds.FileSetID = "PRRT"
     ds.save_as(pet / "DICOMDIR", enforce_file_format=True)
+    (pet / "LICENSE").write_text("viewer licence\n")  # beside a DICOMDIR at a CD's root: not an image
     out = _ingested(pet, tmp_path)
     _same_as(out, clean_pet)
+    assert json.loads((out / "sessions.json").read_text())["ignored_files"] == 2
 
 
 # ============================================================================= the sheet's values
@@ -451,6 +482,15 @@ def test_spect_injection_a_day_early_is_refused_not_renumbered(spect, tmp_path):
     assert "24.0 h apart" in msg and str(_files(spect, "ST002")[0]) in msg
 
 
+def test_spect_injection_weeks_early_is_flagged(spect, tmp_path):
+    """20 days early: another administration by the dates (a cycle of its own), so not refused; its
+    scan then lies 504 h after that injection, beyond the protocol's 400 h: flagged, naming the file."""
+    f = _shift_spect_injection(spect, "ST003", -20 * 24)
+    out = _ingested(spect, tmp_path)
+    fl = [x for x in _flags(out) if x["quantity"] == "hours_after_injection"]
+    assert len(fl) == 1 and fl[0]["value"] == pytest.approx(504, abs=1) and str(f) in fl[0]["source"]
+
+
 def test_spect_acquired_before_its_injection_is_refused(spect, tmp_path):
     f = _shift_spect_injection(spect, "ST002", +6)  # the 4 h scan now 2 h before its injection
     _refused(spect, tmp_path, "before its injection", names=f)
@@ -499,7 +539,7 @@ def ingested_copy(processed_cohort, tmp_path) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("damage", ["truncated", "modified", "emptied"])
+@pytest.mark.parametrize("damage", ["truncated", "modified", "emptied", "header"])
 def test_damaged_intermediate_is_refused_by_the_next_stage(ingested_copy, tmp_path, capsys, damage):
     inv = pd.read_csv(ingested_copy / "inventory.tsv", sep="\t", dtype=str, keep_default_na=False)
     rel = inv[(inv.role == "ct") & (inv.session == "pet_iv")].path.iloc[0]
@@ -509,6 +549,8 @@ def test_damaged_intermediate_is_refused_by_the_next_stage(ingested_copy, tmp_pa
         victim.write_bytes(raw[: len(raw) // 2])
     elif damage == "modified":
         victim.write_bytes(raw[:-100] + bytes(b ^ 0xFF for b in raw[-100:-8]) + raw[-8:])
+    elif damage == "header":  # the deflate stream broken right after the gzip header
+        victim.write_bytes(raw[:10] + b"\xff" * 64 + raw[74:])
     else:
         victim.write_bytes(b"")
     capsys.readouterr()
@@ -516,7 +558,7 @@ def test_damaged_intermediate_is_refused_by_the_next_stage(ingested_copy, tmp_pa
     assert main(["register", str(ingested_copy), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     expected = {"truncated": "truncated or damaged", "modified": "differ from the SHA-256",
-                "emptied": "not a readable NIfTI image"}[damage]
+                "emptied": "not a readable NIfTI image", "header": "not a readable NIfTI image"}[damage]
     assert str(victim) in err and expected in err and "Traceback" not in err, err
     assert not out.exists()
 

@@ -61,7 +61,9 @@ def load_sliced_series(paths: Sequence[Path], series_uid: str, rel_tol: float = 
     order = np.argsort(d, kind="stable")
     items = [items[i] for i in order]
     d, pos = d[order], pos[order]
-    ps = [float(v) for v in items[0][1].PixelSpacing]  # row spacing (y), column spacing (x)
+    ps = _numbers(items[0][1], "PixelSpacing", items[0][0])  # row spacing (y), column spacing (x)
+    if ps is None or len(ps) != 2 or min(ps) <= 0:
+        raise SeriesError(f"{items[0][0]}: PixelSpacing missing or not two positive numbers in series {series_uid}")
     if len(items) == 1:
         dz = float(getattr(items[0][1], "SpacingBetweenSlices", 0) or getattr(items[0][1], "SliceThickness", 0) or 1.0)
     else:
@@ -109,8 +111,8 @@ def _check_complete(items: list[tuple[Path, pydicom.Dataset]], series_uid: str) 
     ps0 = _numbers(ds0, "PixelSpacing", p0)
     if ps0 is None or len(ps0) != 2 or min(ps0) <= 0:
         raise SeriesError(f"{p0}: PixelSpacing missing or not two positive numbers ({ds0.get('PixelSpacing')!r})")
-    have_slope = {p: "RescaleSlope" in ds for p, ds in items}
-    have_inter = {p: "RescaleIntercept" in ds for p, ds in items}
+    have_slope = {p: ds.get("RescaleSlope") not in (None, "") for p, ds in items}  # an empty value is absent
+    have_inter = {p: ds.get("RescaleIntercept") not in (None, "") for p, ds in items}
     for p, ds in items:
         ps = _numbers(ds, "PixelSpacing", p)
         if ps is None or len(ps) != 2 or not np.allclose(ps, ps0, rtol=1e-4, atol=1e-6):

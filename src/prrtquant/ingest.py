@@ -239,16 +239,12 @@ def _looks_like_dicom(p: Path, folder_has_dicom: bool) -> bool:
     if name.endswith(DICOM_SUFFIXES):
         return True
     stem_only = "." not in name or name.rsplit(".", 1)[1].isdigit()
-    try:
-        empty = p.stat().st_size == 0
-    except OSError:
-        return True
-    return folder_has_dicom and (stem_only or empty)
+    return folder_has_dicom and stem_only
 
 
-def _read_header(p: Path, force: bool = False) -> pydicom.Dataset:
+def _read_header(p: Path) -> pydicom.Dataset:
     try:
-        return pydicom.dcmread(p, stop_before_pixels=True, force=force)
+        return pydicom.dcmread(p, stop_before_pixels=True)
     except Exception as exc:  # noqa: BLE001
         raise IngestError(f"{p}: unreadable DICOM header ({exc})") from exc
 
@@ -257,8 +253,9 @@ def scan(root: Path) -> tuple[dict[str, SeriesRecord], list[Path], list[Path]]:
     """Header-only index: series, NIfTI files, other (ignored) files.
 
     A file without the DICOM preamble that looks like part of the export (:func:`_looks_like_dicom`:
-    empty, ``.dcm``, or named like its DICOM neighbours) is read without the preamble (old exports) and
-    refused, naming it, when that fails: an unreadable slice is never silently left out of its series.
+    ``.dcm``, or named like its DICOM neighbours, no suffix or a number) is refused, naming it: empty,
+    unreadable, or DICOM without the Part 10 header: an unreadable slice is never silently left out of its
+    series.
     """
     series: dict[str, SeriesRecord] = {}
     nifti: list[Path] = []
@@ -266,20 +263,30 @@ def scan(root: Path) -> tuple[dict[str, SeriesRecord], list[Path], list[Path]]:
     for dirpath, _, filenames in os.walk(root):
         paths = [Path(dirpath) / fn for fn in sorted(filenames)]
         dicom = {p for p in paths if not p.name.endswith((".nii", ".nii.gz")) and is_dicom_file(p)}
+        # does this folder hold images (a DICOMDIR at a CD's root beside README, LICENSE, ... does not count)?
+        images = any(p.name.upper() != "DICOMDIR" for p in dicom)
         for p in paths:
             if p.name.endswith((".nii", ".nii.gz")):
                 nifti.append(p)
                 continue
             if p in dicom:
                 ds = _read_header(p)
-            elif _looks_like_dicom(p, bool(dicom)):
+            elif _looks_like_dicom(p, images):
+                if not p.is_file():
+                    raise IngestError(f"{p}: not a readable file (a broken link?) among the DICOM files of {p.parent}")
                 if p.stat().st_size == 0:
                     raise IngestError(f"{p}: empty file among the DICOM files of {p.parent} (a slice lost in the "
                                       f"export? export the series again, or remove the file if it is not one)")
-                ds = _read_header(p, force=True)
-                if not getattr(ds, "SOPClassUID", None):
+                try:
+                    ds = pydicom.dcmread(p, stop_before_pixels=True, force=True)
+                    readable = bool(getattr(ds, "SOPClassUID", None))
+                except Exception:  # noqa: BLE001
+                    readable = False
+                if not readable:
                     raise IngestError(f"{p}: not a readable DICOM file, although it sits among the DICOM files of "
                                       f"{p.parent} (a damaged slice? export the series again, or remove the file)")
+                raise IngestError(f"{p}: DICOM without the Part 10 preamble and file meta information (an old or "
+                                  f"raw export), not supported: export the series again as DICOM files (Part 10)")
             else:
                 other.append(p)
                 continue
@@ -462,8 +469,8 @@ def label_sessions(series: dict[str, SeriesRecord], sheet: PatientSheet, cfg: In
     # one cycle = administrations closer than min_cycle_interval_days (single linkage in time)
     cycles: list[list[str]] = []
     for s in sorted(spect_info, key=lambda k: spect_info[k][0]):
-        if cycles and (spect_info[s][0] - spect_info[cycles[-1][-1]][0]) < dt.timedelta(
-                days=rules.min_cycle_interval_days):
+        if cycles and (spect_info[s][0] - spect_info[cycles[-1][0]][0]) < dt.timedelta(
+                days=rules.min_cycle_interval_days):  # measured from the cycle's first administration
             cycles[-1].append(s)
         else:
             cycles.append([s])
@@ -617,7 +624,7 @@ def _ingest_pet(ctx: _Ctx, rec: SeriesRecord, facts: dict[str, Any], sheet: Pati
         conv = convert_pet_series(s.datasets, weight_kg_override=override, source=f"{s.paths[0]} (series {rec.uid})")
     except SuvError as exc:
         raise IngestError(str(exc)) from exc
-    flags = _pet_plausibility(rec, s.paths[0], conv, override, header_weight, cfg.plausibility)
+    flags = _pet_plausibility(rec, s.paths[0], conv, override, cfg.plausibility)
     ctx.flags.extend(flags)
     rel = Path(rec.session) / "pet.nii.gz"
     side = {"modality": "PT", "units": "Bq/mL", "quantity": "activity concentration",
@@ -639,10 +646,11 @@ def _ingest_pet(ctx: _Ctx, rec: SeriesRecord, facts: dict[str, Any], sheet: Pati
             note="; ".join(f.message for f in flags))
 
 
-def _pet_plausibility(rec: SeriesRecord, path: Path, conv: Any, override: float | None, header_weight: Any,
+def _pet_plausibility(rec: SeriesRecord, path: Path, conv: Any, override: float | None,
                       rules: PlausibilitySettings) -> list[Flag]:
-    """Refuse a PET whose weight, height or administered activity no patient has; flag an uptake time
-    outside the protocol's and a sheet weight that disagrees with the header's (config ``plausibility``)."""
+    """Refuse a PET whose weight or administered activity no patient has; flag a height (Type 3, only for
+    SUL and SUV-BSA) outside its range, an uptake time outside the protocol's and a sheet weight that
+    disagrees with the header's (config ``plausibility``)."""
     where = f"{path} (series {rec.uid})"
     try:
         hw = number(rec.header.get("PatientWeight"))
@@ -655,19 +663,20 @@ def _pet_plausibility(rec: SeriesRecord, path: Path, conv: Any, override: float 
         else:
             check_range(conv.weight_kg, rules.weight_kg, "weight_kg of the patient sheet", "kg",
                         f"patient sheet (for {where})")
-        if conv.height_m is not None:
-            check_range(conv.height_m, rules.height_m, "PatientSize (0010,1020)", "m", where)
         if conv.radionuclide == "Ga-68":
             check_range(conv.injected_activity_bq / 1e6, rules.pet_activity_mbq,
                         "RadionuclideTotalDose (0018,1074)", "MBq", where)
     except ImplausibleValue as exc:
         raise IngestError(str(exc)) from None
     flags: list[Flag] = []
+    if conv.height_m is not None:
+        flags += flag_range(conv.height_m, rules.height_m, "height_m", "m", rec.session,
+                            f"{where}: PatientSize (0010,1020)")
     if override is not None and hw_kg is not None and abs(override - hw_kg) > rules.sheet_weight_rtol * hw_kg:
         flags.append(Flag("ingest", "sheet_weight_kg", float(override), hw_kg * (1 - rules.sheet_weight_rtol),
                           hw_kg * (1 + rules.sheet_weight_rtol), "kg", rec.session,
                           f"patient sheet weight_kg vs PatientWeight {hw_kg:g} kg of {where}"))
-    scan = _series_datetime(rec.header) or conv.reference_time
+    scan = conv.scan_start or _series_datetime(rec.header) or conv.reference_time  # the SUV's own scan start
     uptake_min = (scan - conv.injection_time).total_seconds() / 60.0
     if not (-1.0 <= uptake_min <= 360.0):  # a minute of clock skew between injector and scanner tolerated
         raise IngestError(f"{where}: injection (RadiopharmaceuticalStartDateTime {conv.injection_time}) to scan "

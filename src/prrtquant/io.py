@@ -137,6 +137,7 @@ def check_nifti(path: str | Path) -> None:
     """
     import json
     import struct
+    import zlib
 
     import nibabel as nib
 
@@ -151,14 +152,14 @@ def check_nifti(path: str | Path) -> None:
             with open(p, "rb") as fh:
                 fh.seek(-4, os.SEEK_END)
                 isize = struct.unpack("<I", fh.read(4))[0]
-            ok = size > 18 and isize == expected % 2**32
+            ok, held = size > 18 and isize == expected % 2**32, isize
         else:
-            ok = size >= expected
-    except (OSError, EOFError, ValueError, struct.error, nib.filebasedimages.ImageFileError) as exc:
+            ok, held = size >= expected, size
+    except (OSError, EOFError, ValueError, struct.error, zlib.error, nib.filebasedimages.ImageFileError) as exc:
         raise CorruptImageError(f"{p}: not a readable NIfTI image ({exc})") from exc
     if not ok:
-        raise CorruptImageError(f"{p}: truncated or damaged ({size} bytes on disk do not hold the "
-                                f"{expected} bytes its header describes); rerun the stage that wrote it")
+        raise CorruptImageError(f"{p}: truncated or damaged (it holds {held} bytes uncompressed where its header "
+                                f"describes {expected}); rerun the stage that wrote it")
     side = sidecar_of(p)
     if side.exists():
         try:

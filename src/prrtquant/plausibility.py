@@ -9,7 +9,7 @@ quantify, the cohort table, whose ``status`` becomes ``flagged``).
 value                                      range (config ``plausibility``)      outside
 =========================================  ===================================  ==========
 PatientWeight (kg; > 1000 read as grams)   ``weight_kg`` 30-250                 refused
-PatientSize (m; > 3 read as cm)            ``height_m`` 1.2-2.3                 refused
+PatientSize (m; > 3 read as cm)            ``height_m`` 1.2-2.3                 flagged
 PET administered activity (68Ga)           ``pet_activity_mbq`` 40-400          refused
 SPECT administered activity (177Lu)        ``spect_activity_mbq`` 500-12000     refused
 PET injection to scan                      ``pet_uptake_min`` 30-120            flagged

@@ -139,6 +139,8 @@ class PetConversion:
     sul_janmahasatian_factor: float | None
     suv_bsa_factor: float | None
     notes: tuple[str, ...]
+    #: acquisition start (earliest AcquisitionTime, else SeriesTime): what "injection to scan" refers to
+    scan_start: datetime.datetime | None = None
 
     @property
     def dose_at_reference_bq(self) -> float:
@@ -461,6 +463,11 @@ def _get(ds: pydicom.Dataset, key: str | BaseTag) -> Any:
     return el
 
 
+def _file(ds: pydicom.Dataset) -> str:
+    """The file a slice was read from (for messages), or '?'."""
+    return str(getattr(ds, "filename", None) or "?")
+
+
 def _num_attr(ctx: _Ctx, ds: pydicom.Dataset, key: str | BaseTag, label: str) -> float | None:
     try:
         return _number(_get(ds, key))
@@ -615,20 +622,22 @@ def convert_pet_series(datasets: Sequence[pydicom.Dataset], weight_kg_override: 
         intercept = _num_attr(ctx, ds, "RescaleIntercept", "RescaleIntercept (0028,1052)")
         if slope is None:
             if any(_get(other, "RescaleSlope") not in (None, "") for other in datasets):
-                raise ctx.error(f"RescaleSlope (0028,1053) missing on slice {i} but present on other slices")
+                raise ctx.error(f"RescaleSlope (0028,1053) missing on slice {i} ({_file(ds)}) but present on other "
+                            f"slices")
             slope = 1.0
             if i == 0:
                 ctx.note("RescaleSlope missing on every slice: 1.0 assumed (identity modality LUT)")
         if intercept not in (None, 0.0):
-            raise ctx.error(f"RescaleIntercept (0028,1052) is {intercept} on slice {i}; "
+            raise ctx.error(f"RescaleIntercept (0028,1052) is {intercept} on slice {i} ({_file(ds)}); "
                             "PET requires 0")
         if not (math.isfinite(slope) and slope > 0):
-            raise ctx.error(f"RescaleSlope (0028,1053) is {slope} on slice {i}")
+            raise ctx.error(f"RescaleSlope (0028,1053) is {slope} on slice {i} ({_file(ds)})")
         slopes.append(slope)
         with np.errstate(over="ignore", invalid="ignore"):
             slab = px * slope
         if not np.all(np.isfinite(slab)):
-            raise ctx.error(f"RescaleSlope (0028,1053) {slope:g} on slice {i} gives values that are not finite")
+            raise ctx.error(f"RescaleSlope (0028,1053) {slope:g} on slice {i} ({_file(ds)}) gives values that are "
+                            f"not finite")
         slabs.append(slab)
     values = np.stack(slabs)  # stored values with slope applied, in header Units
     if len(set(slopes)) > 1:
@@ -930,4 +939,5 @@ def convert_pet_series(datasets: Sequence[pydicom.Dataset], weight_kg_override: 
         sul_janmahasatian_factor=sul_janma,
         suv_bsa_factor=suv_bsa,
         notes=tuple(ctx.notes),
+        scan_start=scan_start,
     )
