@@ -76,9 +76,12 @@ def validate_config(cfg: Mapping[str, Any] | None, source: str = "config",
         e = errors[0]
         where = ".".join(str(p) for p in e.absolute_path)
         raise ConfigError(f"{source}: {where + ': ' if where else ''}{e.message}")
-    for name, value in (data.get("plausibility") or {}).items():  # ranges: [low, high] with low < high
-        if isinstance(value, list) and not value[0] < value[1]:
-            raise ConfigError(f"{source}: plausibility.{name}: {value} is not a range [low, high] with low < high")
+    from .plausibility import PlausibilitySettings
+
+    try:  # what the schema cannot say: every range is [low, high] with low < high
+        PlausibilitySettings.from_config(data.get("plausibility"))
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
     return data
 
 

@@ -43,7 +43,7 @@ def load_sliced_series(paths: Sequence[Path], series_uid: str, rel_tol: float = 
     items = []
     for p in paths:
         try:
-            ds = pydicom.dcmread(p, force=True)  # files without the preamble were vetted by the index
+            ds = pydicom.dcmread(p)
             _ = ds.pixel_array  # decodes (and caches) now, so a short PixelData is caught here
         except Exception as exc:  # noqa: BLE001 - any read failure is reported with the file
             raise SeriesError(f"{p}: unreadable or truncated DICOM file in series {series_uid} ({exc})") from exc
@@ -84,7 +84,7 @@ def load_sliced_series(paths: Sequence[Path], series_uid: str, rel_tol: float = 
         drift = pos - pos[0] - np.outer(d - d[0], normal)
         if np.max(np.abs(drift)) > tol:
             raise SeriesError(f"series {series_uid}: slice positions drift in-plane by {np.max(np.abs(drift)):.3f} mm")
-    _check_complete(items, series_uid)
+    _check_complete(items, series_uid, ps)
     first = items[0][1]
     grid = Grid(size=(int(first.Columns), int(first.Rows), len(items)), spacing=(ps[1], ps[0], dz),
                 origin=tuple(float(v) for v in pos[0]),  # type: ignore[arg-type]
@@ -103,14 +103,12 @@ def _numbers(ds: pydicom.Dataset, keyword: str, path: Path) -> list[float] | Non
     return vals
 
 
-def _check_complete(items: list[tuple[Path, pydicom.Dataset]], series_uid: str) -> None:
+def _check_complete(items: list[tuple[Path, pydicom.Dataset]], series_uid: str, ps0: list[float]) -> None:
     """Every slice there and scaled alike: as many slices as NumberOfSlices (0054,0081) announces where
     the headers give it (PET), the same PixelSpacing on every slice, RescaleSlope and RescaleIntercept on
-    every slice or on none, finite, the slope non-zero and at most 1e30 in magnitude."""
-    p0, ds0 = items[0]
-    ps0 = _numbers(ds0, "PixelSpacing", p0)
-    if ps0 is None or len(ps0) != 2 or min(ps0) <= 0:
-        raise SeriesError(f"{p0}: PixelSpacing missing or not two positive numbers ({ds0.get('PixelSpacing')!r})")
+    every slice or on none, finite, the slope non-zero and at most 1e30 in magnitude. ``ps0``: the first
+    slice's PixelSpacing, already checked."""
+    p0 = items[0][0]
     have_slope = {p: ds.get("RescaleSlope") not in (None, "") for p, ds in items}  # an empty value is absent
     have_inter = {p: ds.get("RescaleIntercept") not in (None, "") for p, ds in items}
     for p, ds in items:
@@ -132,15 +130,14 @@ def _check_complete(items: list[tuple[Path, pydicom.Dataset]], series_uid: str) 
                 raise SeriesError(f"{p}: {key} {ds.get(key)!r} is not a usable value (finite, slope non-zero and "
                                   f"at most 1e30) in series {series_uid}")
     n = len(items)
-    for key in ("NumberOfSlices",):
-        announced = {int(v[0]) for v in (_numbers(ds, key, p) for p, ds in items) if v}
-        if len(announced) > 1:
-            raise SeriesError(f"series {series_uid}: {key} differs between slices ({sorted(announced)})")
-        if announced and announced != {n}:
-            m = announced.pop()
-            raise SeriesError(f"series {series_uid} ({p0.parent}): {n} slices found but {key} (0054,0081) says "
-                              f"{m}: " + ("slices are missing from the export (an edge slice lost?)" if n < m else
-                                          "more slices than announced (files of another series mixed in?)"))
+    announced = {int(v[0]) for v in (_numbers(ds, "NumberOfSlices", p) for p, ds in items) if v}
+    if len(announced) > 1:
+        raise SeriesError(f"series {series_uid}: NumberOfSlices differs between slices ({sorted(announced)})")
+    if announced and announced != {n}:
+        m = announced.pop()
+        raise SeriesError(f"series {series_uid} ({p0.parent}): {n} slices found but NumberOfSlices (0054,0081) says "
+                          f"{m}: " + ("slices are missing from the export (an edge slice lost?)" if n < m else
+                                      "more slices than announced (files of another series mixed in?)"))
 
 
 def rescaled_volume(series: SlicedSeries) -> Array:

@@ -37,7 +37,7 @@ import pydicom
 import SimpleITK as sitk
 
 from . import __version__
-from .dicom_values import combine, number, parse_datetime
+from .dicom_values import combine, parse_datetime
 from .dicom_series import SeriesError, load_sliced_series, rescaled_volume
 from .geometry import Grid
 from .io import atomic_directory, is_dicom_file, sha256_of, sidecar_of
@@ -652,11 +652,7 @@ def _pet_plausibility(rec: SeriesRecord, path: Path, conv: Any, override: float 
     SUL and SUV-BSA) outside its range, an uptake time outside the protocol's and a sheet weight that
     disagrees with the header's (config ``plausibility``)."""
     where = f"{path} (series {rec.uid})"
-    try:
-        hw = number(rec.header.get("PatientWeight"))
-    except ValueError:
-        hw = None
-    hw_kg = None if hw is None or hw <= 0 else (hw / 1000.0 if hw > 1000.0 else hw)
+    hw_kg = conv.header_weight_kg  # the SUV conversion's reading (grams rule included)
     try:
         if override is None:
             check_range(conv.weight_kg, rules.weight_kg, "PatientWeight (0010,1030)", "kg", where)

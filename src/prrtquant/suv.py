@@ -141,6 +141,8 @@ class PetConversion:
     notes: tuple[str, ...]
     #: acquisition start (earliest AcquisitionTime, else SeriesTime): what "injection to scan" refers to
     scan_start: datetime.datetime | None = None
+    #: PatientWeight in kg as the header gives it (grams converted), None when absent; ``weight_kg`` may be an override
+    header_weight_kg: float | None = None
 
     @property
     def dose_at_reference_bq(self) -> float:
@@ -940,4 +942,5 @@ def convert_pet_series(datasets: Sequence[pydicom.Dataset], weight_kg_override: 
         suv_bsa_factor=suv_bsa,
         notes=tuple(ctx.notes),
         scan_start=scan_start,
+        header_weight_kg=None if header_weight is None else float(header_weight),
     )
