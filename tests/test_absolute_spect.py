@@ -163,7 +163,10 @@ def p03_stages(processed_cohort, tmp_path_factory) -> Path:
     for stage in ("ingest", "register"):
         (d / stage).symlink_to(processed_cohort["P03"] / stage)
     assert main(["quantify", str(d / "ingest"), str(d / "register"), "--out", str(d / "quantify")]) == 0
-    assert main(["dosimetry", str(d / "ingest"), str(d / "register"), "--out", str(d / "dosimetry")]) == 0
+    # the grid's own VOIs (the region definition of quantify), so both stages measure the same voxels
+    (d / "grid_voi.yaml").write_text("dosimetry:\n  fixed_voi: false\n")
+    assert main(["dosimetry", str(d / "ingest"), str(d / "register"), "--out", str(d / "dosimetry"), "--config",
+                 str(d / "grid_voi.yaml")]) == 0
     return d
 
 
@@ -178,8 +181,8 @@ def test_no_bound_flagged_on_a_plausible_patient(p03_stages):
 
 
 def test_same_region_same_activity_in_quantify_and_dosimetry(p03_stages):
-    """cycles.tsv (quantify) and tac.tsv (dosimetry) measure the same voxels: every region at every time point
-    has the same activity (1e-9 relative), healthy liver included."""
+    """With ``dosimetry.fixed_voi: false`` cycles.tsv (quantify) and tac.tsv (dosimetry) measure the same voxels:
+    every region at every time point has the same activity (1e-9 relative), healthy liver included."""
     cyc = pd.read_csv(p03_stages / "quantify" / "cycles.tsv", sep="\t").set_index(["session", "region"])
     tac = pd.read_csv(p03_stages / "dosimetry" / "tac.tsv", sep="\t").set_index(["session", "region"])
     common = cyc.index.intersection(tac.index)
@@ -192,7 +195,7 @@ def test_liver_margin_reaches_both_stages(p03_stages, tmp_path):
     """quantify.liver_margin_mm defines the healthy liver of both stages: with a 10 mm margin the healthy liver
     holds less activity than with none, and the same in both tables."""
     cfg = tmp_path / "config.yaml"
-    cfg.write_text("quantify:\n  liver_margin_mm: 10.0\n")
+    cfg.write_text("quantify:\n  liver_margin_mm: 10.0\ndosimetry:\n  fixed_voi: false\n")
     d = p03_stages
     assert main(["quantify", str(d / "ingest"), str(d / "register"), "--out", str(tmp_path / "q"), "--config",
                  str(cfg)]) == 0

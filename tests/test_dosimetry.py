@@ -39,14 +39,100 @@ def test_local_deposition_constant():
 @pytest.mark.parametrize("tissue", ["liver", "spleen", "kidney", "lesion", "extrahepatic", "bone_marrow"])
 def test_fit_tia_within_3_percent_on_4_noise_free_points(tissue):
     """The phantom's c(t) = A/W·S·(e^−(kw+λ)t − e^−(ku+λ)t) sampled at 4/24/72/168 h: the chosen fit's TIA is
-    within 3 % of the analytic integral (measured: ≤ 1e-6, the uptake–washout model fits exactly)."""
+    within 3 % of the analytic integral (measured: mono-exponential within 0.8–1.6 % where it passes the χ²
+    test, the uptake–washout model exact where it does not). With 4 points AICc is defined for the
+    mono-exponential only (n ≥ k + 2); the 3-parameter model is chosen only by the documented fixed rule."""
     a, truth = _phantom_tac(tissue, 150.0, TP4)
-    _, best = D.fit_tac(TP4, a, injected_mbq=A_INJ_BQ / 1e6, uncertainty_samples=16)
+    fits, best = D.fit_tac(TP4, a, injected_mbq=A_INJ_BQ / 1e6, uncertainty_samples=16)
     assert best is not None
     assert best.tia_mbq_h == pytest.approx(truth, rel=0.03)
-    assert best.model == "uptake_washout"
-    assert best.criterion.startswith("AIC")
+    mono = next(f for f in fits if f.model == "mono")
+    if best.model == "mono":
+        assert best.criterion.startswith("AICc") and best.gof_p >= D.GOF_ALPHA
+    else:
+        assert best.model == "uptake_washout" and mono.gof_p < D.GOF_ALPHA
+        assert best.criterion.startswith("fewest parameters passing χ²") and "AICc winner mono fails" in best.criterion
     assert 0 < best.tia_sd_mbq_h < 0.1 * truth  # 5 % per point → a few % on the TIA
+
+
+def test_selection_rule_defined_for_three_points():
+    """3 points: AICc is undefined for every model (n < k + 2); the fixed rule takes the fewest parameters
+    that pass χ², and never a model with n = k."""
+    t = np.array([24.0, 72.0, 168.0])
+    fits, best = D.fit_tac(t, D.evaluate_terms([(500.0, LAM + 0.01)], t), uncertainty_samples=0)
+    assert best is not None and best.model == "mono"
+    assert best.criterion == "fewest parameters passing χ² (p ≥ 0.05); AICc undefined (n < k + 2 for every model)"
+    assert {f.model for f in fits} == {"mono"}  # uptake_washout (k = 3 = n) has no degree of freedom
+
+
+def test_fits_are_constrained_to_physical_rates():
+    """The terminal effective rate is bounded below by λ_phys: data that decay at exactly 177Lu's rate fit
+    with zero biological clearance (physical, noted); data decaying more slowly are flagged, no TIA."""
+    t = np.array([4.0, 24.0, 72.0, 168.0])
+    f = D.fit_model("mono", t, 100.0 * np.exp(-LAM * t))
+    assert f.physical and f.params["k"] >= LAM and f.tia_mbq_h == pytest.approx(100.0 / LAM, rel=1e-4)
+    assert any("physical-decay bound" in x for x in f.flags)
+    for m in ("mono", "uptake_washout"):
+        g = D.fit_model(m, t, 100.0 * np.exp(-0.001 * t))
+        assert g.terminal_rate_per_h >= LAM * (1 - 1e-9)
+        assert not g.physical and math.isnan(g.tia_mbq_h) and any("negative biological rate" in x for x in g.flags)
+
+
+def _coverage(terms, t, n_trials, seed, calibration_cv=0.0):
+    """Fraction of seeded noisy TACs (5 % Gaussian per point, optional common calibration error) whose chosen
+    fit's TIA ± its stated 1σ (bootstrap ⊕ calibration) covers the true integral."""
+    rng = np.random.default_rng(seed)
+    truth = sum(c / k for c, k in terms)
+    y0 = D.evaluate_terms(terms, t)
+    hits, done = 0, 0
+    for _ in range(n_trials):
+        y = y0 * (1 + calibration_cv * rng.normal()) * (1 + 0.05 * rng.normal(size=len(t)))
+        _, best = D.fit_tac(t, y, activity_cv=0.05, uncertainty_samples=32)
+        if best is None:
+            continue
+        done += 1
+        sd = best.tia_mbq_h * D.combine_relative(best.tia_sd_mbq_h / best.tia_mbq_h, calibration_cv)
+        hits += abs(best.tia_mbq_h - truth) <= sd
+    assert done >= 0.95 * n_trials
+    return hits / done, done
+
+
+def _not_below_nominal(cov: float, n: int, nominal: float = 0.6827) -> None:
+    """Coverage not significantly below nominal (binomial, 2σ one-sided) and not grossly conservative (a
+    symmetric ±1σ of a skewed error covers more than 68 %: at most 85 %)."""
+    se = math.sqrt(nominal * (1 - nominal) / n)
+    assert nominal - 2 * se <= cov <= 0.85, (cov, n)
+
+
+@pytest.mark.parametrize("case,terms,t,cal", [
+    ("mono, 3 points", [(1000.0, LAM + 0.01)], [24.0, 72.0, 168.0], 0.0),
+    ("uptake-washout, 4 points", [(1000.0, LAM + 0.008), (-1000.0, 0.5)], [4.0, 24.0, 72.0, 168.0], 0.0),
+    ("uptake-washout, 5 points, 5 % calibration", [(1000.0, LAM + 0.008), (-1000.0, 0.3)],
+     [1.0, 4.0, 24.0, 72.0, 168.0], 0.05),
+])
+def test_stated_uncertainty_covers_truth(case, terms, t, cal):
+    """EANM-style check of the stated 1σ on 100 seeded noisy TACs per case: it covers the true TIA in
+    about 68 % of trials (measured on 200 trials: 0.64, 0.73, 0.72)."""
+    cov, n = _coverage(terms, np.asarray(t), 100, seed=7, calibration_cv=cal)
+    _not_below_nominal(cov, n)
+
+
+def test_single_time_point_uncertainty_covers_truth():
+    """Madsen's TIA with a T_eff uncertain by 20 % (the patient's true T_eff drawn log-normally about the
+    assumed one) and 5 % activity noise: the stated 1σ covers the true TIA in at least 68 % of 2000 trials
+    (measured 0.76; the first-order delta method gave 0.63)."""
+    rng = np.random.default_rng(11)
+    t1, assumed, cv_t = 96.0, 60.0, 0.2
+    hits = 0
+    n = 2000
+    for _ in range(n):
+        teff = assumed * math.exp(cv_t * rng.normal())
+        lam = math.log(2) / teff
+        truth = 100.0 / lam
+        a1 = 100.0 * math.exp(-lam * t1) * (1 + 0.05 * rng.normal())
+        est = D.madsen_tia(a1, t1, assumed)
+        hits += abs(est - truth) <= D.madsen_tia_sd(a1, t1, assumed, 0.05, cv_t)
+    _not_below_nominal(hits / n, n)
 
 
 @pytest.mark.parametrize("true_model,terms", [
@@ -72,7 +158,7 @@ def test_aicc_formula():
 
 
 def test_unphysical_fits_are_flagged_not_numbers():
-    # activity that grows faster than physical decay allows: negative biological rate
+    # activity that decays more slowly than physical decay allows: negative biological rate
     t = np.array([4.0, 24.0, 72.0, 168.0])
     a = 100.0 * np.exp(-0.001 * t)
     f = D.fit_model("mono", t, a)
@@ -90,6 +176,29 @@ def test_unphysical_fits_are_flagged_not_numbers():
     f = D.fit_model("mono", t, D.evaluate_terms([(500.0, 0.02)], t), injected_mbq=100.0)
     assert any("exceeds injected" in x for x in f.flags)
 
+
+def _fit(model: str, n: int, k: int, aicc: float, gof_p: float, chi2_red: float = 1.0) -> D.FitResult:
+    return D.FitResult(model, n, k, {}, {}, 1.0, 1.0, 0.1, 1.0, 0.9, aicc, aicc, True, True, [], [],
+                       chi2_red=chi2_red, gof_p=gof_p)
+
+
+def test_select_fit_steps():
+    """The three steps of the rule on hand-made fit results: AICc among n ≥ k + 2 when its winner passes χ²;
+    else the fewest parameters passing χ² (n = k + 1 included); else the lowest χ²/dof, flagged."""
+    fits = [_fit("mono", 6, 2, 10.0, 0.5), _fit("uptake_washout", 6, 3, 8.0, 0.6), _fit("bi", 6, 4, 9.0, 0.7)]
+    assert D.select_fit(fits).model == "uptake_washout" and fits[0].criterion == "AICc"
+    fits = [_fit("mono", 4, 2, 10.0, 0.01), _fit("uptake_washout", 4, 3, math.nan, 0.3)]
+    best = D.select_fit(fits)
+    assert best.model == "uptake_washout" and best.criterion.startswith("fewest parameters passing χ²")
+    assert "AICc winner mono fails" in best.criterion and [f.chosen for f in fits] == [False, True]
+    fits = [_fit("mono", 5, 2, 10.0, 0.001, chi2_red=6.0), _fit("uptake_washout", 5, 3, 12.0, 0.01, chi2_red=4.0)]
+    best = D.select_fit(fits)
+    assert best.model == "uptake_washout" and best.criterion.startswith("lowest χ²/dof")
+    assert any("no model passes the χ² test" in x for x in best.flags)
+    fits = [_fit("mono", 4, 2, 10.0, 0.5), _fit("uptake_washout", 4, 3, math.nan, 0.9)]
+    assert D.select_fit(fits).model == "mono"  # AICc's only candidate passes: the 1-dof model is not needed
+    assert fits[0].criterion.startswith("AICc (the only model")
+    assert D.select_fit([_fit("mono", 2, 2, math.nan, math.nan)]) is None  # n = k: no degree of freedom
 
 def test_trapezoid_with_physical_tail():
     t = [24.0, 72.0]
@@ -119,12 +228,14 @@ def test_hanscheid_accuracy_stated():
         t = ratio * teff
         a_t = 1000.0 * math.exp(-math.log(2) / teff * t)
         assert D.hanscheid_tia(a_t, t) / (1000.0 * teff / math.log(2)) == pytest.approx(1.0, abs=0.12)
+    # exact when T_eff = t (the half-life a Hänscheid cycle reports for its BED)
+    assert D.hanscheid_tia(500.0, 96.0) == pytest.approx(1000.0 * 96.0 / math.log(2), rel=1e-12)
     for tissue in ("kidney", "liver", "spleen", "lesion"):
         a, truth = _phantom_tac(tissue, 150.0, np.array([72.0]))
         _, best = D.fit_tac(TP4, _phantom_tac(tissue, 150.0, TP4)[0], uncertainty_samples=0)
         assert best is not None
         multi = best.tia_mbq_h
-        assert multi == pytest.approx(truth, rel=1e-4)
+        assert multi == pytest.approx(truth, rel=0.02)  # the fit chosen on 4 points: mono (within 1.6 %) or uptake-washout (exact)
         assert D.hanscheid_tia(float(a[0]), 72.0) == pytest.approx(multi, rel=0.10), tissue
 
 
@@ -300,7 +411,7 @@ def test_rtdose_readback(tmp_path, oblique):
 def test_settings_from_config():
     s = D.settings_from_config({"kidney_limit_gy": 25, "models": ["mono", "uptake_washout"],
                                 "population_effective_half_life_h": {"kidney": 45},
-                                "recovery_coefficients": [[1, 0.3], [100, 0.9]]})
+                                "recovery_coefficients": [[1, 0.3], [100, 0.9]], "recovery_fit": "interpolate"})
     assert s.kidney_limit_gy == 25 and s.models == ("mono", "uptake_washout")
     assert s.population_effective_half_life_h["kidney"] == 45.0 and "lesion" in s.population_effective_half_life_h
     assert s.recovery_coefficients == ((1.0, 0.3), (100.0, 0.9))
@@ -309,3 +420,59 @@ def test_settings_from_config():
     with pytest.raises(ValueError, match="stp_method"):
         D.settings_from_config({"stp_method": "guess"})
     assert D.settings_from_config(None) == D.DosimetrySettings()
+    with pytest.raises(ValueError, match="sigmoid fit needs >= 3"):
+        D.settings_from_config({"recovery_coefficients": [[1, 0.3], [100, 0.9]]})
+
+
+# --------------------------------------------------------------------------- partial-volume correction
+
+def _sphere_image(volume_ml: float, spacing_mm: float = 4.8, n: int = 32, sub: int = 4) -> sitk.Image:
+    """Occupancy (0–1) of a sphere of ``volume_ml`` centred off-grid in an n³ grid (sub³ sub-samples per voxel)."""
+    r = (3 * volume_ml * 1000 / (4 * math.pi)) ** (1 / 3)
+    c = (n / 2 - 0.3) * spacing_mm
+    g = (np.arange(n * sub) + 0.5) / sub * spacing_mm
+    z, y, x = np.meshgrid(g, g, g, indexing="ij", sparse=True)
+    inside = ((x - c) ** 2 + (y - c) ** 2 + (z - c) ** 2) <= r * r
+    occ = inside.reshape(n, sub, n, sub, n, sub).mean(axis=(1, 3, 5))
+    img = sitk.GetImageFromArray(occ.astype(np.float64))
+    img.SetSpacing((spacing_mm,) * 3)
+    return img
+
+
+def _measured_fraction(volume_ml: float, fwhm_mm: float = 12.0) -> float:
+    """Activity measured in the sphere's own (fractional) VOI after blurring with the SPECT resolution, over
+    the true activity: the recovery coefficient a sphere-phantom measurement would give."""
+    occ = _sphere_image(volume_ml)
+    blurred = sitk.SmoothingRecursiveGaussian(occ, fwhm_mm / (2 * math.sqrt(2 * math.log(2))))
+    o, b = sitk.GetArrayFromImage(occ), sitk.GetArrayFromImage(blurred)
+    return float((o * b).sum() / o.sum())
+
+
+def test_partial_volume_correction_on_blurred_spheres():
+    """Spheres of 0.5–32 mL on 4.8 mm voxels blurred with a 12 mm FWHM (the SPECT resolution) give the
+    recovery table (measured RC 0.13 at 0.5 mL to 0.68 at 32 mL); the fitted RC(V) then corrects spheres of
+    other sizes (3 and 12 mL) to within 5 % of their true activity, where the uncorrected activity is 63 %
+    and 43 % low (measured: corrected +2.3 % and −0.4 %)."""
+    table = [[v, _measured_fraction(v)] for v in (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)]
+    assert table[0][1] < 0.2 and table[-1][1] > 0.6  # recovery falls steeply below the resolution
+    curve = D.RecoveryCurve.fit(table)
+    assert curve.method == "sigmoid" and curve.residual_sd < 0.05
+    for v in (3.0, 12.0):
+        rc_true = _measured_fraction(v)
+        assert rc_true < 0.6
+        assert 1.0 / curve(v) * rc_true == pytest.approx(1.0, abs=0.05), v  # corrected / true activity
+    assert D.RecoveryCurve.fit(table, "interpolate")(3.0) == pytest.approx(_measured_fraction(3.0), rel=0.05)
+    assert 0 < curve.log_slope(3.0) < 1  # RC rises with volume, less than proportionally
+    with pytest.raises(ValueError, match="sigmoid or interpolate"):
+        D.RecoveryCurve.fit(table, "spline")
+    # no extrapolation: below the smallest sphere the RC of the smallest, above the largest that of the largest
+    assert curve(0.01) == pytest.approx(curve(0.5), rel=1e-12) and curve(1e4) == pytest.approx(curve(32.0), rel=1e-12)
+    assert D.RecoveryCurve.fit([[1.0, 1.95], [10.0, 1.97], [100.0, 1.98]])(5.0) > 1.9  # RC near the bound fits
+
+
+def test_volume_uncertainty_and_combination():
+    """u(V)/V = 3·u_r/r: a 4.19 mL sphere (r = 10 mm) with a 1 mm boundary uncertainty → 30 %; independent
+    relative parts add in quadrature; an unknown (NaN) part makes the combination unknown."""
+    assert D.volume_relative_sd(4 / 3 * math.pi * 1.0, 1.0) == pytest.approx(0.30, rel=1e-9)
+    assert D.combine_relative(0.03, 0.04, 0.0) == pytest.approx(0.05, rel=1e-12)
+    assert math.isnan(D.combine_relative(0.03, math.nan))  # an unknown part leaves the whole unknown

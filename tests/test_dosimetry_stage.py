@@ -96,8 +96,8 @@ def test_tia_cycle1_against_reference_and_truth(dosimetry):
 
 
 def test_doses_consistent(dosimetry):
-    """Local deposition on the voxel TIA map reproduces TIA × 0.0853 mGy·kg/(MBq·h) / mass for regions that
-    no earlier region overlaps (kidneys); kernel and S-value doses agree with it within 5 % in large
+    """Local deposition on the voxel TIA map reproduces TIA × 0.0853 mGy·kg/(MBq·h) / mass (within 3 %) for regions
+    that no earlier region overlaps (kidneys); kernel and S-value doses agree with it within 5 % in large
     organs; cycle 2 (one time point) uses Madsen with the cycle-1 half-life; cumulative rows add cycles."""
     d, summary = dosimetry
     dos = pd.read_csv(d / "dosimetry" / "dosimetry.tsv", sep="\t", dtype={"cycle": str})
@@ -105,15 +105,17 @@ def test_doses_consistent(dosimetry):
         c = dos[dos.cycle == cycle].set_index("region")
         for roi in ("kidney_left", "kidney_right", "spleen"):
             r = c.loc[roi]
+            # the TIA is measured with the fixed (fractional) VOI, the dose averaged over the dose grid's binary
+            # voxels: the two differ by edge voxels (measured ≤ 1.5 %)
             assert r.dose_local_gy == pytest.approx(r.tia_mbq_h * D.ELECTRON_J_PER_MBQ_H / (r.mass_g / 1000.0),
-                                                    rel=1e-6)
+                                                    rel=0.03)
             assert r.dose_kernel_gy == pytest.approx(r.dose_local_gy, rel=0.05)
             assert r.dose_svalue_gy == pytest.approx(r.dose_local_gy, rel=0.05)
             assert r.dose_local_sd_gy == pytest.approx(r.dose_local_gy * r.tia_sd_mbq_h / r.tia_mbq_h, rel=1e-9)
         for roi in ("kidney_left", "kidney_right"):
             assert c.loc[roi, "bed_local_gy"] > c.loc[roi, "dose_local_gy"]
     c2 = dos[dos.cycle == "2"].set_index("region")
-    assert c2.loc["kidney_left", "method"].startswith("stp:madsen") and "prior cycle" in c2.loc["kidney_left", "method"]
+    assert c2.loc["kidney_left", "method"] == "stp:madsen" and "prior cycle" in c2.loc["kidney_left", "method_detail"]
     cum = dos[dos.cycle == "cumulative"].set_index("region")
     for roi in ("kidney_left", "spleen"):
         assert cum.loc[roi, "dose_local_gy"] == pytest.approx(
@@ -151,3 +153,77 @@ def test_summary_settings_roundtrip(dosimetry):
     s = json.loads((d / "dosimetry" / "summary.json").read_text())
     assert s["settings"]["kidney_limit_gy"] == 23.0 and s["settings"]["bone_marrow_limit_gy"] == 2.0
     assert s["constants"]["local_deposition_mgy_kg_per_mbq_h"] == pytest.approx(0.0853, abs=5e-5)
+
+
+def test_fixed_vois_across_time_points(dosimetry, tmp_path):
+    """Every time point of a region is measured with the one drawn VOI (fractional propagation): on P01's
+    6.4 mm SPECT grids lesion volumes vary by ≤ 2 % between time points (measured ≤ 1.1 %), none flagged.
+    With the grid's binary VOIs (fixed_voi: false) a 3.5 mL lesion varies by 60 % and is flagged."""
+    d, summary = dosimetry
+    tac = pd.read_csv(d / "dosimetry" / "tac.tsv", sep="\t", keep_default_na=False)
+    tac = tac[tac.region != "field_of_view"]
+    spread = tac.groupby(["cycle", "region"]).volume_ml.agg(lambda v: v.max() / v.min() - 1)
+    assert spread.max() <= 0.02, spread.sort_values().tail()
+    assert (tac.voi_flag == "").all() and summary["voi"]["fixed"] and summary["voi"]["flags"] == []
+    dos = pd.read_csv(d / "dosimetry" / "dosimetry.tsv", sep="\t", dtype={"cycle": str})
+    c1 = dos[dos.cycle == "1"].set_index("region")
+    assert (c1.voi_volume_spread.drop("field_of_view") <= 0.02).all()
+    binary = dosimetry_patient(d / "ingest", d / "register", tmp_path / "b",
+                               D.DosimetrySettings(uncertainty_samples=0, fixed_voi=False, plots=False, rtdose=False))
+    assert not binary["voi"]["fixed"] and binary["voi"]["masks"] == "binary"
+    assert any(f.startswith("cycle 1 lesion_3: VOI volume") for f in binary["voi"]["flags"])
+    b = pd.read_csv(tmp_path / "b" / "dosimetry.tsv", sep="\t", dtype={"cycle": str}, keep_default_na=False)
+    row = b[(b.cycle == "1") & (b.region == "lesion_3")].iloc[0]
+    assert float(row.voi_volume_spread) > 0.2 and "VOI volume varies" in row["flags"]  # max/min 1.6, 23 % from median
+
+
+def test_uncertainty_components(dosimetry):
+    """Per cycle: TIA σ = TIA·√(r_random² + r_calibration² + r_recovery²), calibration 5 % of the TIA; the
+    single-time-point cycle carries the prior cycle's T_eff uncertainty (its fit ⊕ 10 % between cycles);
+    cumulative: random parts in quadrature, calibration linearly (the same camera factor every cycle)."""
+    d, _ = dosimetry
+    dos = pd.read_csv(d / "dosimetry" / "dosimetry.tsv", sep="\t", dtype={"cycle": str}, keep_default_na=False)
+    cyc = dos[dos.cycle != "cumulative"]
+    for r in cyc.itertuples():
+        assert r.tia_sd_calibration_mbq_h == pytest.approx(0.05 * r.tia_mbq_h, rel=1e-9)
+        assert r.tia_sd_mbq_h == pytest.approx(math.sqrt(r.tia_sd_random_mbq_h ** 2 + r.tia_sd_calibration_mbq_h ** 2
+                                                         + r.tia_sd_recovery_mbq_h ** 2), rel=1e-9)
+    c2 = cyc[cyc.cycle == "2"].set_index("region")
+    assert (pd.to_numeric(c2.assumed_half_life_cv.drop("field_of_view")) >= 0.1).all()
+    k = c2.loc["kidney_left"]
+    # Madsen: the T_eff part must be there (activity alone would give 5 %)
+    assert k.tia_sd_random_mbq_h > 0.05 * k.tia_mbq_h * 1.0001
+    cum = dos[dos.cycle == "cumulative"].set_index("region")
+    g = cyc[cyc.region == "kidney_left"]
+    assert cum.loc["kidney_left", "tia_sd_calibration_mbq_h"] == pytest.approx(g.tia_sd_calibration_mbq_h.sum(),
+                                                                              rel=1e-9)
+    assert cum.loc["kidney_left", "tia_sd_random_mbq_h"] == pytest.approx(
+        math.sqrt((g.tia_sd_random_mbq_h ** 2).sum()), rel=1e-9)
+    fits = pd.read_csv(d / "dosimetry" / "fits.tsv", sep="\t", keep_default_na=False)
+    chosen = fits[fits.chosen.astype(str).isin(["True", "true"]) & (fits.model != "trapezoid+physical_tail")]
+    assert len(chosen) and (chosen.criterion != "").all() and {"chi2_reduced", "gof_p"} <= set(fits.columns)
+
+
+def test_partial_volume_correction_reported(dosimetry, tmp_path):
+    """With a sphere-phantom RC table the lesions' activities are divided by RC(V) of their VOI volume, the
+    RC and its curve are in tac.tsv, dosimetry.tsv and summary.json; organs say 'none (organ)'; without a
+    table every lesion row says that no correction was applied."""
+    d, _ = dosimetry
+    table = ((0.5, 0.3), (2.0, 0.6), (10.0, 0.85), (50.0, 0.95))
+    summary = dosimetry_patient(d / "ingest", d / "register", tmp_path / "pvc", D.DosimetrySettings(
+        uncertainty_samples=0, recovery_coefficients=table, plots=False, rtdose=False))
+    curve = D.RecoveryCurve.fit(table)
+    assert summary["partial_volume_correction"] == curve.describe()
+    tac = pd.read_csv(tmp_path / "pvc" / "tac.tsv", sep="\t")
+    les = tac[tac.region.str.startswith("lesion_")]
+    np.testing.assert_allclose(les.recovery_coefficient, [curve(v) for v in les.volume_ml], rtol=1e-12)
+    np.testing.assert_allclose(les.activity_mbq, les.activity_measured_mbq / les.recovery_coefficient, rtol=1e-12)
+    assert tac[tac.region == "liver"].recovery_coefficient.isna().all()
+    dos = pd.read_csv(tmp_path / "pvc" / "dosimetry.tsv", sep="\t", dtype={"cycle": str}, keep_default_na=False)
+    c1 = dos[dos.cycle == "1"].set_index("region")
+    assert c1.loc["lesion_1", "partial_volume_correction"].startswith("RC ")
+    assert float(c1.loc["lesion_1", "tia_sd_recovery_mbq_h"]) > 0
+    assert c1.loc["kidney_left", "partial_volume_correction"] == "none (organ)"
+    base = pd.read_csv(d / "dosimetry" / "dosimetry.tsv", sep="\t", dtype={"cycle": str}, keep_default_na=False)
+    assert (base[base.region.str.startswith("lesion_")].partial_volume_correction
+            == "none (dosimetry.recovery_coefficients not set)").all()

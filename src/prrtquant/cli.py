@@ -273,7 +273,8 @@ def _get_parser() -> argparse.ArgumentParser:
     do = sub.add_parser("dosimetry", parents=[stage],
                         help="177Lu SPECT dosimetry: TACs, fits, TIA, residence time, absorbed dose, BED",
                         description="Per region and cycle: activity at every SPECT time point (tac.tsv), mono/bi/"
-                                    "tri-exponential and uptake-washout fits chosen by AICc, trapezoid + physical "
+                                    "tri-exponential and uptake-washout fits (AICc where defined, else the fewest parameters "
+                                    "passing chi-square), trapezoid + physical "
                                     "tail, single-time-point methods (fits.tsv), TIA, residence time, absorbed dose "
                                     "by local deposition, voxel-kernel convolution and S-values, kidney BED, "
                                     "cumulative doses vs limits (dosimetry.tsv), DVHs, dose maps as NIfTI and "

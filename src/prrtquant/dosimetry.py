@@ -26,8 +26,14 @@ Source values (177Lu)
 
 Models and approximations (each documented where it is implemented)
 --------------------------------------------------------------------
-* TAC fits: sums of exponentials as in NUKFIT (Kletting et al., Med Phys 40 (2013) 102504) chosen by
-  the corrected Akaike criterion (Glatting et al., Med Phys 34 (2007) 4285): :func:`fit_tac`.
+* TAC fits: sums of exponentials as in NUKFIT (Kletting et al., Med Phys 40 (2013) 102504), terminal
+  rate ≥ λ_phys, chosen by the corrected Akaike criterion (Glatting et al., Med Phys 34 (2007) 4285) where
+  it is defined (n ≥ k + 2) and its winner passes the χ² test, else by the fewest parameters passing it:
+  :func:`select_fit`, :func:`fit_tac`.
+* Uncertainty (EANM practical guidance, Gear et al., EJNMMI 45 (2018) 2456–2474): activity noise through
+  the fit by parametric bootstrap, calibration (systematic), VOI volume through RC(V) and the mass, the
+  assumed T_eff of single-time-point cycles (:func:`madsen_tia_sd`, :func:`volume_relative_sd`).
+* Partial-volume correction: recovery coefficients of a sphere phantom, RC(V) fitted (:class:`RecoveryCurve`).
 * Single time point: Hänscheid et al., J Nucl Med 59 (2018) 75–81 (:func:`hanscheid_tia`); Madsen et
   al., Med Phys 45 (2018) 2318–2324 (:func:`madsen_tia`).
 * Voxel S kernel: analytic point kernels integrated over voxels by deterministic Monte-Carlo
@@ -56,7 +62,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import SimpleITK as sitk
-from scipy import optimize, signal
+from scipy import optimize, signal, stats
 
 from .radionuclides import LU177
 
@@ -71,8 +77,12 @@ __all__ = [
     "PHOTON_LINES",
     "RTDOSE_STORAGE",
     "SPHERE_S_TABLE",
+    "GOF_ALPHA",
     "DosimetrySettings",
     "FitResult",
+    "RecoveryCurve",
+    "combine_relative",
+    "volume_relative_sd",
     "aicc",
     "bed",
     "density_from_ct",
@@ -145,8 +155,27 @@ class DosimetrySettings:
         TAC models tried when a cycle has ≥ 3 time points: any of ``mono``, ``bi``,
         ``uptake_washout``, ``tri`` (see :data:`MODELS`).
     activity_cv
-        Relative standard uncertainty of one measured activity (weights of the fit, σ_i = cv·A_i, and
-        the floor of the propagated uncertainty).
+        Relative standard uncertainty of one measured activity, random between time points (counting
+        statistics, reconstruction, VOI placement): weights of the fit, σ_i = cv·A_i, propagated through
+        the fit by parametric bootstrap.
+    calibration_cv
+        Relative standard uncertainty of the SPECT calibration factor (Bq per count rate). Systematic: the
+        same at every time point and cycle of a camera, so it scales a whole TAC (added in quadrature to a
+        cycle's TIA, *linearly* over cycles in the cumulative rows), as in the EANM practical guidance on
+        uncertainty analysis (Gear et al., EJNMMI 45 (2018) 2456–2474). Set it from your calibration.
+    voi_boundary_sd_mm
+        Standard uncertainty of the VOI boundary (delineation plus registration), as a shift of the
+        surface of the volume-equivalent sphere: u(V)/V = 3·u_r/r (Gear et al. 2018). It enters the
+        activity through the recovery coefficient (when partial-volume correction is on) and the S-value
+        dose through the mass; the voxel doses average the dose map over the VOI and do not carry it.
+    fixed_voi
+        True: every time point's activity is measured with the partial-volume (fractional) propagation of
+        the one drawn VOI, the same physical volume at every time point (within about 1 % on the bundled
+        cohort) whatever the SPECT grid. False: the region definition of quantification
+        (``quantify.mask_kind``), the same voxels as ``cycles.tsv``.
+    voi_volume_tolerance
+        A region whose VOI volume at a time point differs from the cycle's median volume by more than this
+        fraction is flagged (``voi_flag`` in ``tac.tsv``, ``flags`` in ``dosimetry.tsv``).
     max_tail_fraction
         A fit whose extrapolated TIA after the last time point exceeds this fraction of its total TIA
         is flagged unphysical.
@@ -166,6 +195,13 @@ class DosimetrySettings:
         the order reported e.g. by Sandström et al., J Nucl Med 54 (2013) 33–41; use your site's.
     stp_half_life_cv
         Relative uncertainty of the population half-life (propagated to the Madsen TIA).
+    stp_prior_cycle_half_life_cv
+        Relative change of a patient's effective half-life between cycles (an assumption: set it from your
+        site's repeated measurements), combined with the prior cycle's own fit uncertainty of T_eff.
+    stp_agreement
+        Single time point: when Hänscheid's TIA differs from Madsen's by more than this fraction, the row
+        is flagged (the two assume different kinetics; the trapezoid + physical tail is an upper bound,
+        no biological clearance, and is not compared).
     density
         ``ct`` (bilinear HU → density calibration of the session's CT) or ``water`` (1 g/mL).
     ct_density_slope_per_hu
@@ -189,9 +225,13 @@ class DosimetrySettings:
         Cumulative limits, compared and flagged (never a decision). ``kidney_bed_limit_gy`` may be
         None (no BED comparison).
     recovery_coefficients
-        Optional RC-versus-volume table ``[[volume_ml, rc], ...]`` applied to lesions and extrahepatic
-        lesions (activity / RC, interpolated linearly in log volume, clipped to the table's range);
-        None = no correction.
+        Optional partial-volume correction: recovery coefficients measured on a sphere phantom with the
+        site's SPECT protocol, ``[[volume_ml, rc], ...]``, applied to lesions and extrahepatic lesions
+        (activity / RC(V) with V the VOI volume); None = no correction (said in every table).
+    recovery_fit
+        ``sigmoid``: RC(V) = RC_max / (1 + (V50/V)^s) fitted to the table (needs ≥ 3 rows; smooth between
+        the measured spheres); ``interpolate``: linear in log volume. Both are held constant outside the
+        table's volume range (no extrapolation: a VOI smaller than the smallest sphere gets its RC).
     dvh_bin_gy
         Width of the dose bins of the cumulative DVH.
     rtdose
@@ -202,6 +242,10 @@ class DosimetrySettings:
 
     models: tuple[str, ...] = ("mono", "bi", "uptake_washout", "tri")
     activity_cv: float = 0.05
+    calibration_cv: float = 0.05
+    voi_boundary_sd_mm: float = 1.0
+    fixed_voi: bool = True
+    voi_volume_tolerance: float = 0.05
     max_tail_fraction: float = 0.8
     uncertainty_samples: int = 64
     trapezoid_start: str = "zero"
@@ -210,6 +254,8 @@ class DosimetrySettings:
     population_effective_half_life_h: Mapping[str, float] = field(default_factory=lambda: {
         "kidney": 50.0, "spleen": 70.0, "liver": 70.0, "bone_marrow": 40.0, "lesion": 90.0, "other": 50.0})
     stp_half_life_cv: float = 0.2
+    stp_prior_cycle_half_life_cv: float = 0.1
+    stp_agreement: float = 0.25
     density: str = "ct"
     ct_density_slope_per_hu: float = 0.0006
     min_density_g_ml: float = 0.05
@@ -224,6 +270,7 @@ class DosimetrySettings:
     bone_marrow_limit_gy: float = 2.0
     kidney_bed_limit_gy: float | None = 40.0
     recovery_coefficients: tuple[tuple[float, float], ...] | None = None
+    recovery_fit: str = "sigmoid"
     dvh_bin_gy: float = 0.1
     rtdose: bool = True
     plots: bool = True
@@ -233,10 +280,14 @@ class DosimetrySettings:
         if bad or not self.models:
             raise ValueError(f"dosimetry.models: unknown model(s) {bad}; known: {sorted(MODELS)}")
         for name, allowed in (("trapezoid_start", ("zero", "constant")), ("stp_method", ("madsen", "hanscheid")),
-                              ("density", ("ct", "water"))):
+                              ("density", ("ct", "water")), ("recovery_fit", ("sigmoid", "interpolate"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"dosimetry.{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        for name in ("activity_cv", "max_tail_fraction", "kernel_radius_mm", "electron_mean_range_mm",
+        for name in ("calibration_cv", "voi_boundary_sd_mm", "stp_prior_cycle_half_life_cv"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and v >= 0 and math.isfinite(v)):
+                raise ValueError(f"dosimetry.{name} must be a number >= 0, got {v!r}")
+        for name in ("activity_cv", "max_tail_fraction", "voi_volume_tolerance", "stp_agreement", "kernel_radius_mm", "electron_mean_range_mm",
                      "alpha_beta_gy", "repair_half_time_h", "dvh_bin_gy", "min_density_g_ml"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
@@ -246,6 +297,9 @@ class DosimetrySettings:
             if rc.ndim != 2 or rc.shape[1] != 2 or len(rc) < 2 or (rc <= 0).any() or np.any(np.diff(rc[:, 0]) <= 0):
                 raise ValueError("dosimetry.recovery_coefficients must be [[volume_ml, rc], ...] with >= 2 rows, "
                                  "positive values and increasing volumes")
+            if self.recovery_fit == "sigmoid" and len(rc) < 3:
+                raise ValueError("dosimetry.recovery_coefficients: the sigmoid fit needs >= 3 sphere measurements "
+                                 "(or recovery_fit: interpolate)")
 
 
 def settings_from_config(cfg: Mapping[str, Any] | None) -> DosimetrySettings:
@@ -323,6 +377,19 @@ MODELS: dict[str, _Model] = {
                   "a1·e^(−k1 t) + a2·e^(−k2 t) − (a1+a2)·e^(−(k1+dk3) t), k1 = k2+dk1"),
 }
 _AMPLITUDE = {"a", "a1", "a2"}
+#: Parameter holding each model's terminal (slowest) effective rate: constrained to ≥ λ_phys (no negative
+#: biological clearance), as in NUKFIT.
+_TERMINAL = {"mono": "k", "bi": "k2", "uptake_washout": "kw", "tri": "k2"}
+#: Significance level of the χ² goodness-of-fit test used by :func:`select_fit`.
+GOF_ALPHA: float = 0.05
+
+
+def _bounds(model: str, lam_per_h: float) -> tuple[list[float], list[float]]:
+    """Lower and upper parameter bounds: amplitudes ≥ 0, rate increments in [0, 50/h], terminal rate ≥ λ."""
+    m = MODELS[model]
+    lo = [lam_per_h if name == _TERMINAL[model] else 0.0 for name in m.params]
+    hi = [np.inf if name in _AMPLITUDE else _RATE_MAX for name in m.params]
+    return lo, hi
 
 
 def model_terms(model: str, params: Sequence[float]) -> list[tuple[float, float]]:
@@ -392,6 +459,17 @@ class FitResult:
     score: float = math.nan
     criterion: str = ""
     chosen: bool = False
+    chi2_red: float = math.nan
+    gof_p: float = math.nan
+
+    @property
+    def terminal_rate_cv(self) -> float:
+        """Relative standard uncertainty of the terminal effective rate (covariance of the fit), i.e. of
+        the effective half-life a later single-time-point cycle borrows."""
+        name = _TERMINAL.get(self.model)
+        k = self.params.get(name, math.nan) if name else math.nan
+        sd = self.param_sd.get(name, math.nan) if name else math.nan
+        return sd / k if k and math.isfinite(k) and math.isfinite(sd) else math.nan
 
     @property
     def terminal_rate_per_h(self) -> float:
@@ -403,6 +481,7 @@ class FitResult:
         d: dict[str, Any] = {"model": self.model, "n_points": self.n, "n_params": self.k,
                              "tia_mbq_h": self.tia_mbq_h, "tia_sd_mbq_h": self.tia_sd_mbq_h,
                              "tia_raw_mbq_h": self.tia_raw_mbq_h, "wrss": self.wrss, "r2": self.r2,
+                             "chi2_reduced": self.chi2_red, "gof_p": self.gof_p,
                              "aicc": self.aicc, "aic": self.aic, "score": self.score, "criterion": self.criterion,
                              "chosen": self.chosen, "converged": self.converged, "physical": self.physical,
                              "flags": "; ".join(self.flags),
@@ -482,11 +561,10 @@ def fit_model(model: str, t_h: Sequence[float], a_mbq: Sequence[float], lam_per_
     def f(tt: Array, *p: float) -> Array:
         return evaluate_terms(m.terms(p), tt)
 
-    lo = [0.0] * m.k
-    hi = [np.inf if name in _AMPLITUDE else _RATE_MAX for name in m.params]
+    lo, hi = _bounds(model, lam_per_h)
     best: tuple[float, Array, Array] | None = None
     for p0 in _starts(model, t, y, lam_per_h):
-        p0 = [min(max(v, 1e-9), h * 0.999 if math.isfinite(h) else v) for v, h in zip(p0, hi)]
+        p0 = [min(max(v, lw * 1.001 + 1e-9), h * 0.999 if math.isfinite(h) else v) for v, lw, h in zip(p0, lo, hi)]
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -502,6 +580,7 @@ def fit_model(model: str, t_h: Sequence[float], a_mbq: Sequence[float], lam_per_
         nanp = {k: math.nan for k in m.params}
         return FitResult(model, n, m.k, nanp, dict(nanp), math.nan, math.nan, math.nan, math.nan, math.nan,
                          math.nan, math.nan, False, False, ["did not converge"], [])
+    notes: list[str] = []
     wrss, p, cov = best
     terms = m.terms(p)
     dof = n - m.k
@@ -513,10 +592,20 @@ def fit_model(model: str, t_h: Sequence[float], a_mbq: Sequence[float], lam_per_
     ss_tot = float(np.sum((y - y.mean()) ** 2))
     rss = float(np.sum((f(t, *p) - y) ** 2))
     r2 = 1.0 - rss / ss_tot if ss_tot > 0 else math.nan
+    chi2_red = wrss / dof if dof > 0 else math.nan
+    gof_p = float(stats.chi2.sf(wrss, dof)) if dof > 0 else math.nan
     kterm = min((k for c, k in terms if c > 0), default=math.nan)
     if not math.isfinite(kterm) or kterm < lam_per_h * (1.0 - 1e-3):
         flags.append(f"negative biological rate: terminal effective rate {kterm:.4g}/h < physical decay "
                      f"{lam_per_h:.4g}/h")
+    elif kterm <= lam_per_h * (1.0 + 1e-4):
+        # the fit is held at the constraint k ≥ λ: no biological clearance is physical (retention), data that
+        # decay more slowly than 177Lu (a poor fit at the bound) are not
+        if math.isfinite(gof_p) and gof_p < GOF_ALPHA:
+            flags.append(f"negative biological rate: the data decay more slowly than 177Lu (terminal rate held "
+                         f"at λ = {lam_per_h:.4g}/h, χ² p = {gof_p:.2g})")
+        else:
+            notes.append("terminal rate at the physical-decay bound (no biological clearance)")
     tl = float(t.max())
     slope = float(sum(-k * c * math.exp(-k * tl) for c, k in terms))
     if slope > 1e-9 * max(float(y.max()), 1e-12):
@@ -533,16 +622,19 @@ def fit_model(model: str, t_h: Sequence[float], a_mbq: Sequence[float], lam_per_
         if float(ratio.max()) > 1.0:
             flags.append(f"exceeds injected activity (max {float(ratio.max()):.2f} × decayed injected)")
     physical = not flags
-    tia_sd = _bootstrap_tia_sd(model, t, y, p, sig, wrss, uncertainty_samples) if physical else math.nan
+    flags += notes
+    tia_sd = _bootstrap_tia_sd(model, t, y, p, sig, wrss, uncertainty_samples, lam_per_h) if physical else math.nan
     sd = np.sqrt(np.clip(np.diag(cov), 0.0, None))
     score_aicc = aicc(max(wrss, _wrss_floor(n, activity_cv)), n, m.k)
     score_aic = _aic(max(wrss, _wrss_floor(n, activity_cv)), n, m.k)
     return FitResult(model, n, m.k, dict(zip(m.params, map(float, p))), dict(zip(m.params, map(float, sd))),
                      raw, raw if physical else math.nan, tia_sd if physical else math.nan, wrss, r2, score_aicc,
-                     score_aic, True, physical, flags, [(float(c), float(k)) for c, k in terms])
+                     score_aic, True, physical, flags, [(float(c), float(k)) for c, k in terms],
+                     chi2_red=chi2_red, gof_p=gof_p)
 
 
-def _bootstrap_tia_sd(model: str, t: Array, y: Array, p: Array, sig: Array, wrss: float, samples: int) -> float:
+def _bootstrap_tia_sd(model: str, t: Array, y: Array, p: Array, sig: Array, wrss: float, samples: int,
+                      lam_per_h: float = LAMBDA_LU177_PER_H) -> float:
     """TIA standard uncertainty by parametric sampling (a bootstrap of the data): the activities are
     redrawn with their standard uncertainty σ_i (inflated by √χ²_red when the residuals exceed it)
     and the model is refitted from the best parameters; the standard deviation of the refitted TIAs
@@ -555,15 +647,14 @@ def _bootstrap_tia_sd(model: str, t: Array, y: Array, p: Array, sig: Array, wrss
     if samples <= 0:
         return math.nan
     infl = math.sqrt(wrss / dof) if dof > 0 and wrss / dof > 1.0 else 1.0
-    lo = [0.0] * m.k
-    hi = [np.inf if name in _AMPLITUDE else _RATE_MAX for name in m.params]
+    lo, hi = _bounds(model, lam_per_h)
 
     def f(tt: Array, *q: float) -> Array:
         return evaluate_terms(m.terms(q), tt)
 
     rng = np.random.default_rng(12345)
     boot: list[float] = []
-    p0 = np.clip(p, 1e-12, np.asarray(hi) * 0.999999)
+    p0 = np.clip(p, np.asarray(lo) + 1e-12, np.asarray(hi) * 0.999999)
     for _ in range(samples):
         yb = y + rng.normal(size=n) * sig * infl
         try:
@@ -580,7 +671,7 @@ def _bootstrap_tia_sd(model: str, t: Array, y: Array, p: Array, sig: Array, wrss
 
 
 def fit_uncertainty(fit: FitResult, t_h: Sequence[float], a_mbq: Sequence[float], activity_cv: float = 0.05,
-                    samples: int = 64) -> float:
+                    samples: int = 64, lam_per_h: float = LAMBDA_LU177_PER_H) -> float:
     """Compute (and store in ``fit``) the TIA standard uncertainty of a fit made with
     ``uncertainty_samples=0``; see :func:`_bootstrap_tia_sd`. Unphysical fits get NaN."""
     if not (fit.converged and fit.physical):
@@ -589,7 +680,7 @@ def fit_uncertainty(fit: FitResult, t_h: Sequence[float], a_mbq: Sequence[float]
     t = np.asarray(t_h, dtype=float)
     y = np.asarray(a_mbq, dtype=float)
     p = np.asarray([fit.params[k] for k in MODELS[fit.model].params])
-    fit.tia_sd_mbq_h = _bootstrap_tia_sd(fit.model, t, y, p, _sigma(y, activity_cv), fit.wrss, samples)
+    fit.tia_sd_mbq_h = _bootstrap_tia_sd(fit.model, t, y, p, _sigma(y, activity_cv), fit.wrss, samples, lam_per_h)
     return fit.tia_sd_mbq_h
 
 
@@ -599,24 +690,45 @@ def _wrss_floor(n: int, cv: float) -> float:
     return n * (1e-6 / cv) ** 2
 
 
-def select_fit(fits: Sequence[FitResult]) -> FitResult | None:
-    """Choose among converged, physical fits by AICc (lowest).
+def select_fit(fits: Sequence[FitResult], alpha: float = GOF_ALPHA) -> FitResult | None:
+    """Choose one of the converged, physical fits with a rule defined for every number of points n.
 
-    AICc needs n ≥ k + 2. When some candidate has n = k + 1 (e.g. the 3-parameter uptake–washout
-    model on the common 4-time-point protocol) AICc is undefined for it; the comparison then uses
-    AIC for all candidates (recorded in ``criterion``), so that a model that fits markedly better
-    can still be chosen. Returns None when no fit is physical.
+    1. **AICc** (Glatting et al., Med Phys 34 (2007) 4285) among the candidates for which it is defined
+       (n ≥ k + 2, k model parameters): the lowest wins, when its fit passes the χ² goodness-of-fit test
+       (WRSS against χ² with n − k degrees of freedom, p ≥ ``alpha``; σ_i = cv·A_i).
+    2. Otherwise (no candidate has n ≥ k + 2, e.g. 3 points; or the AICc winner fails the test, e.g. a
+       mono-exponential that cannot follow the uptake of a 4-point TAC) the **fixed rule**: the model with
+       the fewest parameters whose fit passes the χ² test, models with n = k + 1 (one degree of freedom)
+       included. Fewest parameters first is the parsimony AICc cannot judge at n = k + 1.
+    3. When no fit passes, the lowest χ²/(n − k); the chosen fit is flagged ``no model passes``.
+
+    ``criterion`` (the same on every fit of the set) says which step chose; ``score`` is the AICc (NaN
+    where undefined). Fits with n = k (no degree of freedom) are never chosen. Returns None when no fit
+    is physical.
     """
     ok = [f for f in fits if f.converged and f.physical and f.k < f.n]
     for f in fits:
         f.chosen = False
+        f.score = f.aicc
     if not ok:
         return None
-    use_aicc = all(math.isfinite(f.aicc) for f in ok)
+    defined = [f for f in ok if f.n >= f.k + 2]
+    best_aicc = min(defined, key=lambda f: (f.aicc, f.k)) if defined else None
+    passing = sorted((f for f in ok if f.gof_p >= alpha), key=lambda f: f.k)
+    if best_aicc is not None and best_aicc.gof_p >= alpha:
+        best = best_aicc
+        criterion = "AICc" if len(defined) > 1 else "AICc (the only model with n ≥ k + 2; passes χ²)"
+    elif passing:
+        why = (f"AICc winner {best_aicc.model} fails χ² (p = {best_aicc.gof_p:.2g})" if best_aicc is not None
+               else "AICc undefined (n < k + 2 for every model)")
+        best, criterion = passing[0], f"fewest parameters passing χ² (p ≥ {alpha:g}); {why}"
+    else:
+        best = min(ok, key=lambda f: (f.chi2_red, f.k))
+        criterion = f"lowest χ²/dof; no model passes χ² (p ≥ {alpha:g})"
+        best.flags.append(f"no model passes the χ² test: χ²/dof {best.chi2_red:.2f} (activities scatter more "
+                          "than activity_cv)")
     for f in fits:
-        f.criterion = "AICc" if use_aicc else "AIC (AICc undefined for n = k + 1)"
-        f.score = f.aicc if use_aicc else f.aic
-    best = min(ok, key=lambda f: (f.score, f.k))
+        f.criterion = criterion
     best.chosen = True
     return best
 
@@ -632,7 +744,7 @@ def fit_tac(t_h: Sequence[float], a_mbq: Sequence[float], lam_per_h: float = LAM
             for mname in models if MODELS[mname].k < n]
     best = select_fit(fits)
     if best is not None:
-        fit_uncertainty(best, t_h, a_mbq, activity_cv, uncertainty_samples)
+        fit_uncertainty(best, t_h, a_mbq, activity_cv, uncertainty_samples, lam_per_h)
     return fits, best
 
 
@@ -669,8 +781,8 @@ def trapezoid_tia(t_h: Sequence[float], a_mbq: Sequence[float], lam_per_h: float
 def hanscheid_tia(a_mbq: float, t_h: float) -> float:
     """Single-time-point TIA of Hänscheid et al., J Nucl Med 59 (2018) 75–81: Ã ≈ A(t)·2t/ln2.
 
-    Exact for a mono-exponential with T_eff = t·ln2 ... at the optimum; for a mono-exponential with
-    effective half-life T, the ratio to the true TIA is (2/ln2)·x·e^(−x), x = ln2·t/T: within
+    Exact for a mono-exponential with effective half-life T_eff = t (x = ln2 below); for a mono-exponential
+    with effective half-life T, the ratio to the true TIA is (2/ln2)·x·e^(−x), x = ln2·t/T: within
     [0.88, 1.06] for 0.75 ≤ t/T ≤ 2.5 (about the ±10 % accuracy reported for kidneys and tumours measured
     around 4 d after 177Lu-DOTATATE/-TOC).
     """
@@ -687,12 +799,20 @@ def madsen_tia(a_mbq: float, t_h: float, effective_half_life_h: float) -> float:
 
 def madsen_tia_sd(a_mbq: float, t_h: float, effective_half_life_h: float, activity_cv: float,
                   half_life_cv: float) -> float:
-    """Standard uncertainty of :func:`madsen_tia`: activity (relative ``activity_cv``) and effective
-    half-life (relative ``half_life_cv``, ∂Ã/∂λ = Ã·(t − 1/λ))."""
-    lam = math.log(2.0) / effective_half_life_h
+    """Standard uncertainty of :func:`madsen_tia` from the activity (relative ``activity_cv``) and the
+    assumed effective half-life (log-normal, relative ``half_life_cv``).
+
+    The T_eff part is the root-mean-square difference between Ã(T) and Ã(T_assumed) over the log-normal T
+    (9-point Gauss–Hermite quadrature), not the first-order delta method: Madsen's estimate is chosen where
+    ∂Ã/∂λ vanishes (t ≈ 1/λ), so the first-order term understates it (on a seeded ensemble the delta
+    method covered the truth in 63 % of trials instead of 68 %).
+    """
     tia = madsen_tia(a_mbq, t_h, effective_half_life_h)
-    d_lam = tia * (t_h - 1.0 / lam) * lam * half_life_cv
-    return math.sqrt((tia * activity_cv) ** 2 + d_lam ** 2)
+    x, w = np.polynomial.hermite_e.hermegauss(9)
+    w = w / w.sum()
+    alt = np.array([madsen_tia(a_mbq, t_h, effective_half_life_h * math.exp(half_life_cv * xi)) for xi in x])
+    sd_t = float(math.sqrt(np.sum(w * (alt - tia) ** 2)))
+    return math.sqrt((tia * activity_cv) ** 2 + sd_t ** 2)
 
 
 # --------------------------------------------------------------------------- density and local deposition
@@ -963,6 +1083,87 @@ def recovery_coefficient(volume_ml: float, table: Sequence[Sequence[float]]) -> 
     table's ends."""
     t = np.asarray(table, dtype=float)
     return float(np.interp(math.log(max(volume_ml, 1e-12)), np.log(t[:, 0]), t[:, 1]))
+
+
+def _sigmoid_rc(v: Array | float, rc_max: float, v50: float, slope: float) -> Array:
+    return rc_max / (1.0 + (v50 / np.asarray(v, dtype=float)) ** slope)
+
+
+@dataclass(frozen=True)
+class RecoveryCurve:
+    """Recovery coefficient versus VOI volume from sphere-phantom measurements (partial-volume correction).
+
+    ``sigmoid``: RC(V) = RC_max / (1 + (V50/V)^s), least squares on the table (the usual shape of sphere
+    recovery curves: RC → RC_max for large volumes, → 0 as the sphere shrinks below the resolution);
+    ``interpolate``: linear in log volume. Both hold the end values outside the table's volumes (a VOI
+    below the smallest sphere is not divided by an extrapolated, ever smaller RC). ``residual_sd`` is the standard
+    deviation of the table's RCs about the curve (0 for interpolation), a relative uncertainty of RC.
+    """
+
+    table: tuple[tuple[float, float], ...]
+    method: str = "sigmoid"
+    params: tuple[float, ...] = ()
+    residual_sd: float = 0.0
+
+    @classmethod
+    def fit(cls, table: Sequence[Sequence[float]], method: str = "sigmoid") -> "RecoveryCurve":
+        """Fit (or prepare the interpolation of) ``table`` = ``[[volume_ml, rc], ...]``."""
+        t = np.asarray(table, dtype=float)
+        tab = tuple((float(v), float(r)) for v, r in t)
+        if method == "interpolate":
+            return cls(tab, method)
+        if method != "sigmoid":
+            raise ValueError(f"recovery_fit must be sigmoid or interpolate, got {method!r}")
+        v, rc = t[:, 0], t[:, 1]
+        p0 = [min(float(rc.max()) * 1.05, 1.99), float(np.interp(0.5 * rc.max(), rc, v)), 1.0]
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                p, _ = optimize.curve_fit(_sigmoid_rc, v, rc, p0=p0, bounds=([1e-3, 1e-6, 0.1], [2.0, 1e6, 10.0]),
+                                          max_nfev=10000)
+        except (RuntimeError, ValueError) as exc:
+            raise ValueError(f"dosimetry.recovery_coefficients: the sigmoid RC(V) does not fit the table ({exc}); "
+                             "use recovery_fit: interpolate") from exc
+        res = rc - _sigmoid_rc(v, *p)
+        sd = float(np.sqrt(np.sum((res / rc) ** 2) / max(len(rc) - 3, 1))) if len(rc) > 3 else 0.0
+        return cls(tab, method, tuple(float(x) for x in p), sd)
+
+    def __call__(self, volume_ml: float) -> float:
+        if self.method == "interpolate":
+            return recovery_coefficient(volume_ml, self.table)
+        lo, hi = self.table[0][0], self.table[-1][0]
+        return float(_sigmoid_rc(min(max(volume_ml, lo), hi), *self.params))
+
+    def log_slope(self, volume_ml: float) -> float:
+        """d ln RC / d ln V at ``volume_ml`` (how a relative volume error becomes a relative RC error)."""
+        h = 1e-4
+        lo, hi = self(volume_ml * math.exp(-h)), self(volume_ml * math.exp(h))
+        return (math.log(hi) - math.log(lo)) / (2 * h) if lo > 0 and hi > 0 else 0.0
+
+    def describe(self) -> str:
+        """One line for tables and summaries."""
+        if self.method == "interpolate":
+            return f"RC interpolated in log volume over {len(self.table)} sphere measurements"
+        rc_max, v50, slope = self.params
+        return (f"RC = {rc_max:.3f} / (1 + ({v50:.3g} mL / V)^{slope:.3f}), fitted to {len(self.table)} sphere "
+                "measurements")
+
+
+def volume_relative_sd(volume_ml: float, boundary_sd_mm: float) -> float:
+    """u(V)/V = 3·u_r/r of a VOI whose surface is uncertain by ``boundary_sd_mm`` (volume-equivalent sphere
+    of radius r; Gear et al., EJNMMI 45 (2018) 2456–2474)."""
+    if not (volume_ml > 0):
+        return math.nan
+    r_mm = (3.0 * volume_ml * 1000.0 / (4.0 * math.pi)) ** (1.0 / 3.0)
+    return 3.0 * boundary_sd_mm / r_mm
+
+
+def combine_relative(*parts: float) -> float:
+    """Root sum of squares of independent relative uncertainties; NaN when any part is unknown (NaN)
+    (pass 0 for a part that does not apply)."""
+    if not all(math.isfinite(p) for p in parts):
+        return math.nan
+    return math.sqrt(sum(p * p for p in parts))
 
 
 def tia_map(activity_mbq: sitk.Image, regions: Sequence[tuple[sitk.Image, float]], default_ratio: float) -> sitk.Image:

@@ -10,7 +10,10 @@ Per cycle and region
 * activity (MBq) = Σ Bq/mL × mask weight × voxel volume on that session's SPECT grid, concentration
   (Bq/mL) = mean, both at acquisition (physical decay stays in the data; fits use effective rates);
   the decay-corrected activity (to injection) is listed for reading only;
-* ≥ 3 time points: fits chosen by AICc (:func:`prrtquant.dosimetry.fit_tac`); when every fit is
+* the VOI of every time point is the fractional propagation of the one drawn mask (``fixed_voi``), its
+  volume per time point in ``tac.tsv`` and flagged beyond ``voi_volume_tolerance``;
+* ≥ 3 time points: fits chosen by :func:`prrtquant.dosimetry.select_fit` (AICc where defined, else the
+  fewest parameters passing χ²); when every fit is
   unphysical, the trapezoid with physical-decay tail is used (flagged). 2 points: trapezoid + tail.
   1 point: single-time-point method (Madsen with the region's effective half-life fitted in an
   earlier cycle when there is one, else the population value; or Hänscheid). The trapezoid + tail
@@ -30,7 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -105,53 +108,91 @@ def _density_on(spect: sitk.Image, ct: sitk.Image | None, s: D.DosimetrySettings
     return D.density_from_ct(ct_on, s.ct_density_slope_per_hu, s.min_density_g_ml)
 
 
+def _fit_rows(fits: list[D.FitResult], s: D.DosimetrySettings, n: int) -> list[dict[str, Any]]:
+    """fits.tsv rows: every configured model, those with too few points 'skipped' with the reason."""
+    rows = [f.row() for f in fits]
+    fitted = {f.model for f in fits}
+    crit = fits[0].criterion if fits else ""
+    rows += [{"model": m, "n_points": n, "n_params": D.MODELS[m].k, "chosen": False, "converged": False,
+              "physical": False, "criterion": crit,
+              "flags": f"skipped: {D.MODELS[m].k} parameters need at least {D.MODELS[m].k + 1} time points"}
+             for m in s.models if m not in fitted]
+    return rows
+
+
+def _stp(t1: float, a1: float, s: D.DosimetrySettings, region: str,
+         prior: dict[str, tuple[float, float]]) -> dict[str, Any]:
+    """Single-time-point TIA: Madsen with the prior cycle's (or the population's) T_eff, or Hänscheid; the
+    uncertainty of the assumed T_eff is part of the random component."""
+    cls = region_class(region)
+    if s.stp_use_prior_cycle and region in prior:
+        teff, fit_cv = prior[region]
+        src = "prior cycle"
+        if not math.isfinite(fit_cv):  # the prior fit's rate uncertainty unknown: the population's instead
+            fit_cv, src = s.stp_half_life_cv, "prior cycle, its fit uncertainty unknown: population cv"
+        half_cv = D.combine_relative(fit_cv, s.stp_prior_cycle_half_life_cv)
+    else:
+        pop = s.population_effective_half_life_h
+        teff, half_cv, src = float(pop.get(cls, pop.get("other", 50.0))), s.stp_half_life_cv, "population"
+    han = D.hanscheid_tia(a1, t1)
+    mad = D.madsen_tia(a1, t1, teff)
+    out: dict[str, Any] = {"tia_hanscheid_mbq_h": han, "tia_madsen_mbq_h": mad,
+                           "assumed_half_life_cv": half_cv if s.stp_method == "madsen" else math.nan}
+    if s.stp_method == "madsen":
+        out.update(tia_mbq_h=mad, tia_sd_random_mbq_h=D.madsen_tia_sd(a1, t1, teff, s.activity_cv, half_cv),
+                   method="stp:madsen", method_detail=f"T_eff {teff:.1f} h ({src}, ±{100 * half_cv:.0f} %)",
+                   effective_half_life_h=teff)
+    else:
+        out.update(tia_mbq_h=han, tia_sd_random_mbq_h=han * s.activity_cv, method="stp:hanscheid",
+                   method_detail=f"Ã = A(t)·2t/ln2 at t = {t1:.1f} h (exact for T_eff = t)", effective_half_life_h=t1)
+    if abs(han - mad) > s.stp_agreement * mad:
+        out["flags"] = (f"single time point: Hänscheid {han:.4g} and Madsen {mad:.4g} MBq·h differ by "
+                        f"{100 * (han / mad - 1):+.0f} % (> {100 * s.stp_agreement:.0f} %): the kinetics differ "
+                        f"from both assumptions")
+    return out
+
+
 def _tia_region(t: list[float], a: list[float], s: D.DosimetrySettings, injected_mbq: float, region: str,
-                prior_half_life: dict[str, float]) -> tuple[dict[str, Any], list[dict[str, Any]], D.FitResult | None]:
-    """TIA of one region in one cycle: the row fields, the fits.tsv rows and the chosen fit."""
+                prior_half_life: dict[str, tuple[float, float]], recovery_rel_sd: float = 0.0
+                ) -> tuple[dict[str, Any], list[dict[str, Any]], D.FitResult | None]:
+    """TIA of one region in one cycle: the row fields, the fits.tsv rows and the chosen fit.
+
+    Uncertainty (EANM, Gear et al. 2018): a *random* part (activity noise through the fit by bootstrap, or
+    through the single-time-point formula with the assumed T_eff's uncertainty), the *calibration* part
+    (``calibration_cv``, the same for every time point) and, with partial-volume correction, the
+    *recovery* part (the VOI volume's uncertainty through RC(V) and the curve's residual), combined in
+    quadrature into ``tia_sd_mbq_h``.
+    """
     lam = D.LAMBDA_LU177_PER_H
     n = len(t)
     trap, trap_sd = D.trapezoid_tia(t, a, lam, s.trapezoid_start, s.activity_cv)
     out: dict[str, Any] = {"n_points": n, "tia_trapezoid_mbq_h": trap, "tia_trapezoid_sd_mbq_h": trap_sd,
-                           "tia_hanscheid_mbq_h": math.nan, "tia_madsen_mbq_h": math.nan, "flags": ""}
+                           "tia_hanscheid_mbq_h": math.nan, "tia_madsen_mbq_h": math.nan, "flags": "",
+                           "method_detail": "", "assumed_half_life_cv": math.nan}
     fit_rows: list[dict[str, Any]] = []
     chosen: D.FitResult | None = None
     if n >= 3:
         fits, chosen = D.fit_tac(t, a, lam, s.models, s.activity_cv, injected_mbq, s.max_tail_fraction,
                                  s.uncertainty_samples)
-        fit_rows = [f.row() for f in fits]
-        fitted = {f.model for f in fits}
-        fit_rows += [{"model": m, "n_points": n, "n_params": D.MODELS[m].k, "chosen": False, "converged": False,
-                      "physical": False,
-                      "flags": f"skipped: {D.MODELS[m].k} parameters need at least {D.MODELS[m].k + 1} time points"}
-                     for m in s.models if m not in fitted]  # every configured model has its row and reason
+        fit_rows = _fit_rows(fits, s, n)
         if chosen is not None:
-            out.update(tia_mbq_h=chosen.tia_mbq_h, tia_sd_mbq_h=chosen.tia_sd_mbq_h, method=f"fit:{chosen.model}",
-                       effective_half_life_h=math.log(2) / chosen.terminal_rate_per_h)
+            out.update(tia_mbq_h=chosen.tia_mbq_h, tia_sd_random_mbq_h=chosen.tia_sd_mbq_h,
+                       method=f"fit:{chosen.model}", method_detail=chosen.criterion,
+                       effective_half_life_h=math.log(2) / chosen.terminal_rate_per_h,
+                       flags="; ".join(chosen.flags))
         else:
-            out.update(tia_mbq_h=trap, tia_sd_mbq_h=trap_sd, method="trapezoid+physical_tail",
+            out.update(tia_mbq_h=trap, tia_sd_random_mbq_h=trap_sd, method="trapezoid+physical_tail",
                        effective_half_life_h=math.log(2) / lam,
                        flags="every fit unphysical: " + " | ".join(f"{f.model}: {'; '.join(f.flags)}" for f in fits))
     elif n == 2:
-        out.update(tia_mbq_h=trap, tia_sd_mbq_h=trap_sd, method="trapezoid+physical_tail",
+        out.update(tia_mbq_h=trap, tia_sd_random_mbq_h=trap_sd, method="trapezoid+physical_tail",
                    effective_half_life_h=math.log(2) / lam, flags="2 time points: trapezoid + physical tail")
     else:
-        t1, a1 = t[0], a[0]
-        cls = region_class(region)
-        if s.stp_use_prior_cycle and region in prior_half_life:
-            teff, src = prior_half_life[region], "prior cycle"
-        else:
-            pop = s.population_effective_half_life_h
-            teff, src = float(pop.get(cls, pop.get("other", 50.0))), "population"
-        han = D.hanscheid_tia(a1, t1)
-        mad = D.madsen_tia(a1, t1, teff)
-        half_cv = 0.0 if src == "prior cycle" else s.stp_half_life_cv
-        out.update(tia_hanscheid_mbq_h=han, tia_madsen_mbq_h=mad)
-        if s.stp_method == "madsen":
-            out.update(tia_mbq_h=mad, tia_sd_mbq_h=D.madsen_tia_sd(a1, t1, teff, s.activity_cv, half_cv),
-                       method=f"stp:madsen (T_eff {teff:.1f} h, {src})", effective_half_life_h=teff)
-        else:
-            out.update(tia_mbq_h=han, tia_sd_mbq_h=han * s.activity_cv, method="stp:hanscheid",
-                       effective_half_life_h=t1 * math.log(2))
+        out.update(_stp(t[0], a[0], s, region, prior_half_life))
+    v = out["tia_mbq_h"]
+    rel_random = out["tia_sd_random_mbq_h"] / v if v else math.nan
+    out.update(tia_sd_calibration_mbq_h=v * s.calibration_cv, tia_sd_recovery_mbq_h=v * recovery_rel_sd)
+    out["tia_sd_mbq_h"] = v * D.combine_relative(rel_random, s.calibration_cv, recovery_rel_sd)
     fit_rows.append({"model": "trapezoid+physical_tail", "n_points": n, "tia_mbq_h": trap,
                      "tia_sd_mbq_h": trap_sd, "chosen": out["method"].startswith("trapezoid")})
     return out, fit_rows, chosen
@@ -164,7 +205,9 @@ def dosimetry_patient(ingest_dir: str | Path, register_dir: str | Path, out_dir:
     """Run the dosimetry of one patient; see the module docstring. Returns the summary dict.
 
     ``region_settings``: the region definition (mask kind, healthy-liver margin), the same as quantification's
-    (config section ``quantify``), so both stages measure the same voxels. ``bounds``: physical
+    (config section ``quantify``). With ``settings.fixed_voi`` (default) the activities are measured with the
+    fractional masks (the same physical VOI at every time point, the same margin); with it off, with the
+    region definition itself, so both stages measure the same voxels. ``bounds``: physical
     plausibility (:mod:`prrtquant.bounds`): activity at most the administered activity decayed to the scan,
     TIA at most A0/λ, nothing negative; violations go into ``bounds_flag`` columns and ``summary.json``,
     or, with ``fail_on_bounds``, raise :class:`prrtquant.bounds.PhysicalBoundsError` (nothing written).
@@ -172,6 +215,10 @@ def dosimetry_patient(ingest_dir: str | Path, register_dir: str | Path, out_dir:
     ing, reg = Path(ingest_dir), Path(register_dir)
     s = settings or D.DosimetrySettings()
     region_def = region_settings or RegionSettings()
+    # fixed VOIs: the fractional propagation of the drawn masks, wherever the registration wrote it
+    measure_def = replace(region_def, mask_kind="fractional") if s.fixed_voi else region_def
+    recovery = (D.RecoveryCurve.fit(s.recovery_coefficients, s.recovery_fit)
+                if s.recovery_coefficients is not None else None)
     tol = (bounds or BoundsSettings()).activity_tolerance
     violations: list[Violation] = []
     inv = pd.read_csv(ing / "inventory.tsv", sep="\t", dtype=str, keep_default_na=False)
@@ -225,7 +272,8 @@ def dosimetry_patient(ingest_dir: str | Path, register_dir: str | Path, out_dir:
     plots: list[tuple[str, str, list[float], list[float], D.FitResult | None]] = []
     maps: dict[int, dict[str, sitk.Image]] = {}
     rtdose_meta: dict[int, dict[str, Any]] = {}
-    prior_half_life: dict[str, float] = {}
+    prior_half_life: dict[str, tuple[float, float]] = {}
+    grid_voi_sessions: list[str] = []
     kernels: dict[tuple[float, ...], np.ndarray] = {}
     for cycle in sorted(sessions):
         tps = sorted(sessions[cycle], key=lambda d: d["hours"])
@@ -237,7 +285,14 @@ def dosimetry_patient(ingest_dir: str | Path, register_dir: str | Path, out_dir:
         grid_data: dict[str, Any] = {}
         for tp in tps:
             spect = read_image(str(tp["path"]), sitk.sitkFloat64)
-            masks, binary = session_regions(reg, table, tp["session"], region_def)
+            use = measure_def
+            if measure_def.mask_kind == "fractional" and not ((table.session == tp["session"]) & (
+                    table.kind == "fractional")).any():
+                use = replace(measure_def, mask_kind="binary")
+                notes.append(f"{tp['session']}: no fractional masks from the registration: binary VOIs of this grid "
+                             "(not a fixed VOI)")
+                grid_voi_sessions.append(tp["session"])
+            masks, binary = session_regions(reg, table, tp["session"], use)
             arr = sitk.GetArrayViewFromImage(spect)
             vml = float(np.prod(spect.GetSpacing())) / 1000.0
             fov_mbq = float(np.nansum(arr)) * vml / 1e6
@@ -258,8 +313,8 @@ def dosimetry_patient(ingest_dir: str | Path, register_dir: str | Path, out_dir:
                 a = st["integral"] / 1e6
                 measured[region] = a
                 rc = math.nan
-                if s.recovery_coefficients is not None and region.startswith(("lesion_", "extrahepatic_")):
-                    rc = D.recovery_coefficient(st["volume_ml"], s.recovery_coefficients)
+                if recovery is not None and region.startswith(("lesion_", "extrahepatic_")):
+                    rc = recovery(st["volume_ml"])
                     a = a / rc
                 per_region.setdefault(region, []).append((tp["hours"], a, tp["session"]))
                 found = check_activity(st["integral"] / 1e6, injected, tp["hours"], lam, tol, stage="dosimetry",
@@ -276,13 +331,23 @@ def dosimetry_patient(ingest_dir: str | Path, register_dir: str | Path, out_dir:
                 ct = read_image(str(tp["ct"])) if tp["ct"] is not None else None
                 grid_data = {"spect": spect, "binary": binary, "measured": measured,
                              "density": _density_on(spect, ct, s), "tp": tp}
+        voi = _voi_volumes(tac_rows, cycle, s)
         # --- TIA per region
         tia: dict[str, dict[str, Any]] = {}
         chosen_fits: dict[str, D.FitResult | None] = {}
         for region, pts in per_region.items():
             t = [p[0] for p in pts]
             a = [p[1] for p in pts]
-            info, frows, chosen = _tia_region(t, a, s, injected, region, prior_half_life)
+            rc_vol = rc_res = 0.0  # relative RC uncertainty from the VOI volume and from the curve's residual
+            if recovery is not None and region.startswith(("lesion_", "extrahepatic_")):
+                v_ml = voi[region]["volume_ml"]
+                rc_vol = abs(recovery.log_slope(v_ml)) * D.volume_relative_sd(v_ml, s.voi_boundary_sd_mm)
+                rc_res = recovery.residual_sd
+            info, frows, chosen = _tia_region(t, a, s, injected, region, prior_half_life,
+                                              D.combine_relative(rc_vol, rc_res))
+            info.update(rc_volume_rel=rc_vol, rc_residual_rel=rc_res)
+            if voi.get(region, {}).get("flag"):
+                info["flags"] = "; ".join(x for x in (info["flags"], voi[region]["flag"]) if x)
             tia[region] = info
             chosen_fits[region] = chosen
             for fr in frows:
@@ -290,8 +355,9 @@ def dosimetry_patient(ingest_dir: str | Path, register_dir: str | Path, out_dir:
             if len(t) >= 2:
                 plots.append((f"c{cycle}_{region}", f"cycle {cycle} {region}", t, a, chosen))
         for region, info in tia.items():
-            if info["n_points"] >= 3 and region in chosen_fits and chosen_fits[region] is not None:
-                prior_half_life[region] = info["effective_half_life_h"]
+            fit = chosen_fits.get(region)
+            if info["n_points"] >= 3 and fit is not None:
+                prior_half_life[region] = (info["effective_half_life_h"], fit.terminal_rate_cv)
         # --- dose maps on the grid time point
         spect, binary, measured, dens = (grid_data["spect"], grid_data["binary"], grid_data["measured"],
                                          grid_data["density"])
@@ -337,7 +403,16 @@ def dosimetry_patient(ingest_dir: str | Path, register_dir: str | Path, out_dir:
             rel = sd / v if v and math.isfinite(v) and math.isfinite(sd) else math.nan
             row = {"cycle": str(cycle), "region": region, "session_dose_grid": grid_data["tp"]["session"],
                                    "injected_mbq": injected, "method": info["method"], "n_points": info["n_points"],
-                                   "tia_mbq_h": v, "tia_sd_mbq_h": sd, "tia_coefficient_h": v / injected,
+                                   "method_detail": info["method_detail"],
+                                   "tia_mbq_h": v, "tia_sd_mbq_h": sd,
+                                   "tia_sd_random_mbq_h": info["tia_sd_random_mbq_h"],
+                                   "tia_sd_calibration_mbq_h": info["tia_sd_calibration_mbq_h"],
+                                   "tia_sd_recovery_mbq_h": info["tia_sd_recovery_mbq_h"],
+                                   "assumed_half_life_cv": info["assumed_half_life_cv"],
+                                   "voi_volume_ml": voi.get(region, {}).get("volume_ml", math.nan),
+                                   "voi_volume_spread": voi.get(region, {}).get("spread", math.nan),
+                                   "partial_volume_correction": _pvc_text(region, recovery, voi),
+                                   "tia_coefficient_h": v / injected,
                                    "residence_time_h": v / injected,
                                    "tia_trapezoid_mbq_h": info["tia_trapezoid_mbq_h"],
                                    "tia_trapezoid_sd_mbq_h": info["tia_trapezoid_sd_mbq_h"],
@@ -364,7 +439,12 @@ def dosimetry_patient(ingest_dir: str | Path, register_dir: str | Path, out_dir:
                     sv = D.sphere_s_value(mass) if cls == "lesion" else (
                         D.organ_s_value(cls, mass) if cls in D.ORGAN_S_TABLE else math.nan)
                     row["dose_svalue_gy"] = v * sv
-                    row["dose_svalue_sd_gy"] = v * sv * rel
+                    row["mass_rel_sd"] = D.volume_relative_sd(row["voi_volume_ml"], s.voi_boundary_sd_mm)
+                    # D = Ã(V)·S(m(V)): the RC's and the mass's volume terms come from one volume error and
+                    # push the dose the same way (larger V: larger RC, smaller Ã; larger m): added linearly
+                    rel_rand = info["tia_sd_random_mbq_h"] / v if v else math.nan
+                    row["dose_svalue_sd_gy"] = v * sv * D.combine_relative(
+                        rel_rand, s.calibration_cv, info["rc_residual_rel"], info["rc_volume_rel"] + row["mass_rel_sd"])
                     row["svalue_model"] = "sphere" if cls == "lesion" else (cls if cls in D.ORGAN_S_TABLE else "")
                 except ValueError as exc:
                     notes.append(f"cycle {cycle} {region}: no dose on {grid_data['tp']['session']}: {exc}")
@@ -382,12 +462,19 @@ def dosimetry_patient(ingest_dir: str | Path, register_dir: str | Path, out_dir:
         for region, g in dos.groupby("region", sort=False):
             row = {"cycle": "cumulative", "region": region, "n_cycles": len(g),
                    "method": "; ".join(f"c{c}:{m}" for c, m in zip(g.cycle, g.method)),
-                   "tia_mbq_h": g.tia_mbq_h.sum(), "tia_sd_mbq_h": math.sqrt((g.tia_sd_mbq_h ** 2).sum()),
-                   "injected_mbq": g.injected_mbq.sum()}
+                   "tia_mbq_h": g.tia_mbq_h.sum(), "injected_mbq": g.injected_mbq.sum(),
+                   "tia_sd_random_mbq_h": math.sqrt((g.tia_sd_random_mbq_h ** 2).sum(skipna=False)),
+                   "tia_sd_calibration_mbq_h": g.tia_sd_calibration_mbq_h.sum(skipna=False),
+                   "tia_sd_recovery_mbq_h": g.tia_sd_recovery_mbq_h.sum(skipna=False),
+                   "partial_volume_correction": "; ".join(dict.fromkeys(
+                       str(v).split(":")[0] if str(v).startswith("RC ") else str(v)
+                       for v in g.partial_volume_correction))}
+            row["tia_sd_mbq_h"] = math.sqrt(sum(row[f"tia_sd_{c}_mbq_h"] ** 2 for c in ("random", "calibration",
+                                                                                        "recovery")))
             row["tia_coefficient_h"] = row["residence_time_h"] = row["tia_mbq_h"] / row["injected_mbq"]
             for m in ("local", "kernel", "svalue"):
                 row[f"dose_{m}_gy"] = g[f"dose_{m}_gy"].sum(skipna=False)
-                row[f"dose_{m}_sd_gy"] = math.sqrt((g[f"dose_{m}_sd_gy"] ** 2).sum(skipna=False))
+                row[f"dose_{m}_sd_gy"] = _cumulative_dose_sd(g, m)
                 if f"bed_{m}_gy" in g and region.startswith("kidney"):
                     row[f"bed_{m}_gy"] = g[f"bed_{m}_gy"].sum(skipna=False)
             checks: list[tuple[str, float, str]] = []
@@ -427,7 +514,13 @@ def dosimetry_patient(ingest_dir: str | Path, register_dir: str | Path, out_dir:
                "limits_exceeded": exceeded, "registration_flagged": bool(qc.get("flagged", False)),
                "physical_bounds": upstream + [v.as_dict() for v in violations],
                "physical_bounds_flagged": bool(upstream or violations),
+               "voi": {"fixed": measure_def.mask_kind == "fractional" and not grid_voi_sessions,
+                       "masks": measure_def.mask_kind, "binary_sessions": grid_voi_sessions, "volume_tolerance": s.voi_volume_tolerance,
+                       "flags": sorted({f"cycle {r['cycle']} {r['region']}: {r['voi_flag']}" for r in tac_rows
+                                        if r.get("voi_flag")})},
+               "partial_volume_correction": recovery.describe() if recovery is not None else "none",
                "notes": notes, "settings": asdict(s), "region_definition": asdict(region_def),
+               "measured_with": asdict(measure_def),
                "constants": {"electron_kev_per_decay": D.ELECTRON_KEV_PER_DECAY,
                              "local_deposition_mgy_kg_per_mbq_h": D.LOCAL_DEPOSITION_MGY_KG_PER_MBQ_H,
                              "lambda_per_h": lam, "sphere_s_table_gy_per_mbq_h": D.SPHERE_S_TABLE,
@@ -461,6 +554,53 @@ def dosimetry_patient(ingest_dir: str | Path, register_dir: str | Path, out_dir:
                            [v * s.activity_cv for v in a])
         (tmp / "summary.json").write_text(json.dumps(_finite(summary), indent=1, default=_json_default))
     return summary
+
+
+def _voi_volumes(tac_rows: list[dict[str, Any]], cycle: int, s: D.DosimetrySettings) -> dict[str, dict[str, Any]]:
+    """Per region of one cycle: median VOI volume over its time points, the largest relative deviation
+    from it (``spread``) and a flag when that exceeds ``voi_volume_tolerance``; the tac.tsv rows of the
+    cycle get ``voi_volume_deviation`` and ``voi_flag``."""
+    rows = [r for r in tac_rows if r["cycle"] == cycle and r["region"] != _FOV]
+    out: dict[str, dict[str, Any]] = {}
+    for region in dict.fromkeys(r["region"] for r in rows):
+        mine = [r for r in rows if r["region"] == region]
+        med = float(np.median([r["volume_ml"] for r in mine]))
+        for r in mine:
+            r["voi_volume_deviation"] = r["volume_ml"] / med - 1.0 if med > 0 else math.nan
+            r["voi_flag"] = (f"VOI volume {r['volume_ml']:.4g} mL differs from the cycle's median {med:.4g} mL by "
+                             f"{100 * r['voi_volume_deviation']:+.1f} %" if abs(r["voi_volume_deviation"]) >
+                             s.voi_volume_tolerance else "")
+        spread = max(abs(r["voi_volume_deviation"]) for r in mine)
+        flag = (f"VOI volume varies by up to {100 * spread:.1f} % between time points (> "
+                f"{100 * s.voi_volume_tolerance:.0f} %)" if spread > s.voi_volume_tolerance else "")
+        out[region] = {"volume_ml": med, "spread": spread, "flag": flag}
+    return out
+
+
+def _pvc_text(region: str, recovery: D.RecoveryCurve | None, voi: dict[str, dict[str, Any]]) -> str:
+    """What partial-volume correction a dosimetry.tsv row carries, in words."""
+    if not region.startswith(("lesion_", "extrahepatic_")):
+        return "none (organ)"
+    if recovery is None:
+        return "none (dosimetry.recovery_coefficients not set)"
+    v = voi.get(region, {}).get("volume_ml", math.nan)
+    return f"RC {recovery(v):.3f} at {v:.3g} mL: {recovery.describe()}"
+
+
+def _cumulative_dose_sd(g: pd.DataFrame, method: str) -> float:
+    """Cumulative dose uncertainty: random parts in quadrature over cycles, the systematic parts
+    (calibration, recovery, VOI mass for S-values) added linearly, as fully correlated between cycles."""
+    dose = g[f"dose_{method}_gy"].to_numpy(float)
+    tia = g.tia_mbq_h.to_numpy(float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r_rand = g.tia_sd_random_mbq_h.to_numpy(float) / tia
+        r_cal = g.tia_sd_calibration_mbq_h.to_numpy(float) / tia
+        r_rc = g.tia_sd_recovery_mbq_h.to_numpy(float) / tia
+    r_mass = g["mass_rel_sd"].to_numpy(float) if method == "svalue" and "mass_rel_sd" in g else np.zeros(len(g))
+    if not (np.all(np.isfinite(dose)) and np.all(np.isfinite(r_rand)) and np.all(np.isfinite(r_mass))):
+        return math.nan
+    return float(math.sqrt(np.sum((dose * r_rand) ** 2) + np.sum(dose * r_cal) ** 2 + np.sum(dose * r_rc) ** 2
+                           + np.sum(dose * r_mass) ** 2))
 
 
 def _bounds_flag(row: dict[str, Any], injected_mbq: float, lam: float, tol: float, where: str,

@@ -2,10 +2,12 @@
 
 The registration stage carries every reference mask onto each PET/SPECT grid (``masks.tsv``: session,
 roi, kind ``binary`` / ``fractional``, path). On top of those, the healthy liver (whole and per lobe)
-is the liver minus the *binary* target-lesion masks dilated by ``liver_margin_mm``. Both stages build
-their regions here, from the same settings (config section ``quantify``: ``mask_kind`` and
+is the liver minus the target lesions (every voxel a lesion touches) dilated by ``liver_margin_mm``. Both
+stages build their regions here, from the same settings (config section ``quantify``: ``mask_kind`` and
 ``liver_margin_mm``), so the same region at the same time point holds the same voxels, and therefore
-the same activity, in ``cycles.tsv`` and in the dosimetry's ``tac.tsv``.
+the same activity, in ``cycles.tsv`` and in the dosimetry's ``tac.tsv`` (dosimetry with
+``fixed_voi: false``; by default it measures with the fractional kind, the same physical VOI at every
+time point).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
@@ -62,12 +65,25 @@ def read_session_masks(register_dir: Path, table: pd.DataFrame, session: str, ki
     return {r.roi: read_image(str(Path(register_dir) / r.path)) for r in rows.itertuples()}
 
 
+def _fractional_healthy(liver: sitk.Image, lesions_frac: list[sitk.Image], lesions_binary: list[sitk.Image],
+                        margin_mm: float) -> sitk.Image:
+    """Fractional healthy liver: clip(liver − Σ lesion weights, 0, 1), then the margin around the binary lesions."""
+    w = sitk.GetArrayFromImage(liver).astype(np.float64)
+    for les in lesions_frac:
+        w -= sitk.GetArrayViewFromImage(les)
+    out = sitk.GetImageFromArray(np.clip(w, 0.0, 1.0).astype(np.float32))
+    out.CopyInformation(liver)
+    return healthy_liver_mask(out, lesions_binary, margin_mm) if margin_mm > 0 else out
+
+
 def session_regions(register_dir: Path, table: pd.DataFrame, session: str, settings: RegionSettings,
                     lesions: list[str] | None = None) -> tuple[dict[str, sitk.Image], dict[str, sitk.Image]]:
     """(masks for means and activities, binary masks) of one session, healthy liver included.
 
-    ``lesions``: the lesions removed from the liver (default: every ``lesion_N`` on the grid); their
-    binary masks are used in both kinds, so the healthy liver never keeps part of a lesion.
+    ``lesions``: the lesions removed from the liver (default: every ``lesion_N`` on the grid). Binary kind:
+    liver minus the binary lesions dilated by the margin. Fractional kind: the liver weight minus the
+    lesions' weights (the part of each voxel that is liver and not lesion), then, with a margin, minus the
+    binary lesions dilated by it; so the healthy liver never keeps part of a lesion.
     """
     binary = read_session_masks(register_dir, table, session, "binary")
     means = binary if settings.mask_kind == "binary" else read_session_masks(register_dir, table, session,
@@ -78,5 +94,6 @@ def session_regions(register_dir: Path, table: pd.DataFrame, session: str, setti
         if whole in binary:
             binary[healthy] = healthy_liver_mask(binary[whole], lesion_masks, settings.liver_margin_mm)
             if means is not binary and whole in means:
-                means[healthy] = healthy_liver_mask(means[whole], lesion_masks, settings.liver_margin_mm)
+                means[healthy] = _fractional_healthy(means[whole], [means[les] for les in names if les in means],
+                                                     lesion_masks, settings.liver_margin_mm)
     return means, binary

@@ -1,5 +1,5 @@
 rule dosimetry:
-    """177Lu SPECT dosimetry: TACs, fits (AICc), TIA, residence time, dose (local, kernel, S-value), BED, limits."""
+    """177Lu SPECT dosimetry: TACs, fits (AICc / chi-square rule), TIA, residence time, dose (local, kernel, S-value), BED, limits."""
     input:
         ingest=f"{RESULTS}/{{patient}}/ingest",
         register=f"{RESULTS}/{{patient}}/register",
