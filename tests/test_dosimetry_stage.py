@@ -199,6 +199,11 @@ def test_uncertainty_components(dosimetry):
                                                                               rel=1e-9)
     assert cum.loc["kidney_left", "tia_sd_random_mbq_h"] == pytest.approx(
         math.sqrt((g.tia_sd_random_mbq_h ** 2).sum()), rel=1e-9)
+    # cumulative dose: random parts in quadrature, the 5 % calibration of every cycle added linearly
+    dose = pd.to_numeric(g.dose_local_gy)
+    rr = pd.to_numeric(g.tia_sd_random_mbq_h) / pd.to_numeric(g.tia_mbq_h)
+    assert float(cum.loc["kidney_left", "dose_local_sd_gy"]) == pytest.approx(
+        math.sqrt(((dose * rr) ** 2).sum() + (0.05 * dose.sum()) ** 2), rel=1e-9)
     fits = pd.read_csv(d / "dosimetry" / "fits.tsv", sep="\t", keep_default_na=False)
     chosen = fits[fits.chosen.astype(str).isin(["True", "true"]) & (fits.model != "trapezoid+physical_tail")]
     assert len(chosen) and (chosen.criterion != "").all() and {"chi2_reduced", "gof_p"} <= set(fits.columns)

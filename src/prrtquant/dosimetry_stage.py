@@ -409,6 +409,8 @@ def dosimetry_patient(ingest_dir: str | Path, register_dir: str | Path, out_dir:
                                    "tia_sd_calibration_mbq_h": info["tia_sd_calibration_mbq_h"],
                                    "tia_sd_recovery_mbq_h": info["tia_sd_recovery_mbq_h"],
                                    "assumed_half_life_cv": info["assumed_half_life_cv"],
+                                   "recovery_volume_rel": info["rc_volume_rel"],
+                                   "recovery_residual_rel": info["rc_residual_rel"],
                                    "voi_volume_ml": voi.get(region, {}).get("volume_ml", math.nan),
                                    "voi_volume_spread": voi.get(region, {}).get("spread", math.nan),
                                    "partial_volume_correction": _pvc_text(region, recovery, voi),
@@ -589,18 +591,22 @@ def _pvc_text(region: str, recovery: D.RecoveryCurve | None, voi: dict[str, dict
 
 def _cumulative_dose_sd(g: pd.DataFrame, method: str) -> float:
     """Cumulative dose uncertainty: random parts in quadrature over cycles, the systematic parts
-    (calibration, recovery, VOI mass for S-values) added linearly, as fully correlated between cycles."""
+    (calibration, the RC curve's residual, the VOI volume through RC(V) and, for S-values, through the mass:
+    these two added linearly, one volume error) added linearly, as fully correlated between cycles."""
     dose = g[f"dose_{method}_gy"].to_numpy(float)
     tia = g.tia_mbq_h.to_numpy(float)
     with np.errstate(invalid="ignore", divide="ignore"):
         r_rand = g.tia_sd_random_mbq_h.to_numpy(float) / tia
-        r_cal = g.tia_sd_calibration_mbq_h.to_numpy(float) / tia
-        r_rc = g.tia_sd_recovery_mbq_h.to_numpy(float) / tia
-    r_mass = g["mass_rel_sd"].to_numpy(float) if method == "svalue" and "mass_rel_sd" in g else np.zeros(len(g))
-    if not (np.all(np.isfinite(dose)) and np.all(np.isfinite(r_rand)) and np.all(np.isfinite(r_mass))):
+    r_cal = g.tia_sd_calibration_mbq_h.to_numpy(float) / np.where(tia != 0, tia, np.nan)
+    r_res = g.recovery_residual_rel.to_numpy(float)
+    r_vol = g.recovery_volume_rel.to_numpy(float)
+    if method == "svalue":
+        r_vol = r_vol + (g["mass_rel_sd"].to_numpy(float) if "mass_rel_sd" in g else np.nan)
+    parts = (dose, r_rand, r_cal, r_res, r_vol)
+    if not all(np.all(np.isfinite(p)) for p in parts):
         return math.nan
-    return float(math.sqrt(np.sum((dose * r_rand) ** 2) + np.sum(dose * r_cal) ** 2 + np.sum(dose * r_rc) ** 2
-                           + np.sum(dose * r_mass) ** 2))
+    return float(math.sqrt(np.sum((dose * r_rand) ** 2) + np.sum(dose * r_cal) ** 2 + np.sum(dose * r_res) ** 2
+                           + np.sum(dose * r_vol) ** 2))
 
 
 def _bounds_flag(row: dict[str, Any], injected_mbq: float, lam: float, tol: float, where: str,
