@@ -41,7 +41,7 @@ def _generate(out: str) -> tuple[float, float]:
 
 
 def _ingest(src: str, out: str) -> tuple[float, float]:
-    from prrtquant.ingest import PatientSheet, ingest
+    from prrtquant.stages.ingest import PatientSheet, ingest
 
     sheet = json.loads((Path(src) / "sheet.json").read_text())
     t0 = time.perf_counter()

@@ -28,7 +28,7 @@ import yaml
 
 from conftest import TEST_DATA, rewrite_image
 from prrtquant.cli import main
-from prrtquant.ingest import IngestConfig, IngestError, PatientSheet, ingest
+from prrtquant.stages.ingest import IngestConfig, IngestError, PatientSheet, ingest
 
 P01 = TEST_DATA / "P01" / "DICOM"
 PET = ("ST000", "ST001")  # IV, IA PET/CT
@@ -568,7 +568,7 @@ def test_damaged_intermediate_is_refused_by_the_next_stage(ingested_copy, tmp_pa
 def test_liver_suv_outside_the_band_is_flagged_through_to_the_cohort(processed_cohort, tmp_path):
     """A PET whose values are 100x too high (a wrong scale no header check saw): quantify flags the healthy
     liver SUV, the eligibility carries the flag, the cohort lists the patient as flagged with the reason."""
-    from prrtquant.cohort import cohort_summary
+    from prrtquant.stages.cohort import cohort_summary
 
     src = processed_cohort["P01"]
     ing = tmp_path / "ingest"

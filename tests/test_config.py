@@ -12,9 +12,9 @@ from prrtquant import dosimetry as D
 from prrtquant.bounds import BoundsSettings
 from prrtquant.cli import main
 from prrtquant.config import CONFIG_SCHEMA, ConfigError, load_config, validate_config
-from prrtquant.ingest import IngestConfig
-from prrtquant.quantify_stage import QuantifySettings
-from prrtquant.register_stage import settings_from_config
+from prrtquant.stages.ingest import IngestConfig
+from prrtquant.stages.quantify import QuantifySettings
+from prrtquant.stages.register import settings_from_config
 from prrtquant.registration import RegistrationSettings
 
 def test_schema_defaults_are_the_library_defaults():

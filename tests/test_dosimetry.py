@@ -10,6 +10,7 @@ import pytest
 import SimpleITK as sitk
 
 from prrtquant import dosimetry as D
+from prrtquant.dicom.rtdose import RTDOSE_STORAGE, write_rtdose
 from prrtquant.phantom.physics import LU_KINETICS_IV
 
 LAM = D.LAMBDA_LU177_PER_H
@@ -386,9 +387,9 @@ def test_rtdose_readback(tmp_path, oblique):
         r.SetRotation(0.1, -0.05, 0.2)
         img.SetDirection(np.asarray(r.GetMatrix()).tolist())
     p = tmp_path / "rtdose.dcm"
-    ds = D.write_rtdose(img, p, "1.2.3.4.5", patient_name="P99", patient_id="P99")
+    ds = write_rtdose(img, p, "1.2.3.4.5", patient_name="P99", patient_id="P99")
     back = pydicom.dcmread(p)
-    assert back.SOPClassUID == D.RTDOSE_STORAGE and back.DoseUnits == "GY" and back.DoseType == "PHYSICAL"
+    assert back.SOPClassUID == RTDOSE_STORAGE and back.DoseUnits == "GY" and back.DoseType == "PHYSICAL"
     assert back.FrameOfReferenceUID == "1.2.3.4.5" and back.DoseSummationType == "PLAN"
     step = float(back.DoseGridScaling)
     vals = back.pixel_array.astype(np.float64) * step

@@ -13,7 +13,7 @@ import SimpleITK as sitk
 from conftest import load_truth
 
 from prrtquant import dosimetry as D
-from prrtquant.dosimetry_stage import dosimetry_patient
+from prrtquant.stages.dosimetry import dosimetry_patient
 
 LARGE = ("liver", "healthy_liver", "kidney_left", "kidney_right", "spleen")
 SETTINGS = D.DosimetrySettings(uncertainty_samples=16)

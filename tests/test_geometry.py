@@ -11,7 +11,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from prrtquant.geometry import Grid, Rigid
-from prrtquant.masks import MaskError, contour_distance_maps, rasterize_rtstruct
+from prrtquant.dicom.rtstruct import MaskError, contour_distance_maps, rasterize_rtstruct
 from prrtquant.phantom.anatomy import Anatomy, Region
 from prrtquant.phantom.contours import slice_contours
 from prrtquant.phantom.shapes import Box, Ellipsoid, Sphere, Union, prune

@@ -16,7 +16,7 @@ from scipy import ndimage
 
 from conftest import COHORT, TEST_DATA, load_truth, physical_points, series_files
 from prrtquant.cli import main
-from prrtquant.ingest import IngestConfig, IngestError, PatientSheet, ingest
+from prrtquant.stages.ingest import IngestConfig, IngestError, PatientSheet, ingest
 
 
 def _sheet(patient: str) -> PatientSheet:

@@ -20,7 +20,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from prrtquant.nm import (
+from prrtquant.dicom.spect import (
     NMValueError,
     acquisition_duration_s,
     decay_factor_during_acquisition,

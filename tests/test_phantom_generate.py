@@ -108,7 +108,7 @@ def test_other_layouts_spect_formats_noise_and_deformation(tmp_path):
     """Same seed twice: A noise free, NM in Bq/mL, flat layout; B with noise, SPECT exported as PET."""
     import pydicom
 
-    from prrtquant.nm import read_nm
+    from prrtquant.dicom.spect import read_nm
 
     common = ["--seed", "5", "--n-lesions", "2", "--n-extrahepatic", "1", "--deformation", "--spect-time-points", "24"]
     assert main(["phantom", "--out", str(tmp_path / "a"), *common, "--layout", "flat", "--spect-format", "nm_bqml"]) == 0

@@ -17,7 +17,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from conftest import COHORT, TEST_DATA, load_truth, physical_points, read_series_sitk, series_files
-from prrtquant.nm import read_nm
+from prrtquant.dicom.spect import read_nm
 
 PET_STORAGE = "1.2.840.10008.5.1.4.1.1.128"
 NM_STORAGE = "1.2.840.10008.5.1.4.1.1.20"
@@ -164,7 +164,7 @@ def test_rtstruct_and_seg_agree_on_reference_ct(patient):
     import highdicom as hd
 
     from prrtquant.geometry import Grid
-    from prrtquant.masks import rasterize_rtstruct
+    from prrtquant.dicom.rtstruct import rasterize_rtstruct
 
     name, truth, series = patient
     st = truth["sessions"][truth["reference_session"]]

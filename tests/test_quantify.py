@@ -14,7 +14,6 @@ from scipy.spatial import cKDTree
 from prrtquant.geometry import Grid, euler_matrix
 from prrtquant.quantify import (
     QuantifyError,
-    _sphere_kernel,
     assign_lobe,
     eligibility,
     enhancement_ratios,
@@ -28,6 +27,7 @@ from prrtquant.quantify import (
     suv_peak,
     tumour_to_liver,
 )
+from prrtquant.quantify.suvpeak import _sphere_kernel
 
 
 def centres(grid: Grid) -> np.ndarray:

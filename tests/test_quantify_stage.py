@@ -15,8 +15,8 @@ from scipy import stats
 
 from conftest import COHORT, TEST_DATA, load_truth, process_generated, rewrite_image
 from prrtquant.cli import main
-from prrtquant.cohort import cohort_summary, lobar_comparisons
-from prrtquant.quantify_stage import QuantifySettings, quantify_patient
+from prrtquant.stages.cohort import cohort_summary, lobar_comparisons
+from prrtquant.stages.quantify import QuantifySettings, quantify_patient
 
 # Per-lesion and per-lobe means are compared with truth's reference (exact analytic masks on each grid).
 # The pipeline carries the contours drawn on a 5 x 5 x 6 mm CT (as signed distance maps) onto 6 mm PET and

@@ -22,9 +22,9 @@ import SimpleITK as sitk
 
 from conftest import TEST_DATA, load_truth
 from prrtquant.geometry import Grid, Rigid
-from prrtquant.ingest import PatientSheet, ingest
+from prrtquant.stages.ingest import PatientSheet, ingest
 from prrtquant.phantom.generator import PhantomOptions, generate_patient, patient_anatomy
-from prrtquant.register_stage import register_patient
+from prrtquant.stages.register import register_patient
 from prrtquant.registration import (
     RegistrationSettings,
     compose,

@@ -30,7 +30,7 @@ import SimpleITK as sitk
 
 from conftest import TEST_DATA, load_truth
 from prrtquant.geometry import Grid, Rigid
-from prrtquant.ingest import PatientSheet, ingest
+from prrtquant.stages.ingest import PatientSheet, ingest
 from prrtquant.phantom import physics
 from prrtquant.phantom.anatomy import Anatomy, Deformation
 from prrtquant.phantom.generator import SIZES, PhantomOptions, centered_grid, patient_anatomy

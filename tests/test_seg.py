@@ -1,4 +1,4 @@
-"""DICOM SEG decoding (prrtquant.seg) against real SEGs from dcmqi and a synthetic FRACTIONAL SEG.
+"""DICOM SEG decoding (prrtquant.dicom.seg) against real SEGs from dcmqi and a synthetic FRACTIONAL SEG.
 
 Real data: dcmqi's data/segmentations samples (QIICR/dcmqi, BSD-3-Clause), bundled in
 tests/data/external/dcmqi_ct_seg (see its README.md) and unpacked by the ``dcmqi_ct_seg`` fixture of
@@ -35,7 +35,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from prrtquant.geometry import Grid
-from prrtquant.seg import SegError, SegSegment, read_seg
+from prrtquant.dicom.seg import SegError, SegSegment, read_seg
 
 LIVER_VOXELS = 107_098
 

@@ -27,14 +27,8 @@ import SimpleITK as sitk
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, PositronEmissionTomographyImageStorage
 
-from prrtquant.suv import (
-    PetConversion,
-    SuvError,
-    bsa_dubois_m2,
-    convert_pet_series,
-    lbm_james_kg,
-    lbm_janmahasatian_kg,
-)
+from prrtquant.dicom.pet import PetConversion, SuvError, convert_pet_series
+from prrtquant.dicom.suv_norms import bsa_dubois_m2, lbm_james_kg, lbm_janmahasatian_kg
 
 DRO_IDS = [
     "DRO_0_0", "DRO_1_0", "DRO_2_0", "DRO_2_1", "DRO_2_2", "DRO_2_3", "DRO_2_4", "DRO_2_5",

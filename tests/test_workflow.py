@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from conftest import COHORT, ROOT, load_truth
+from prrtquant.stages import layout
 
 SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
 
@@ -75,6 +76,16 @@ def test_workflow_runs_on_bundled_cohort(cohort_workflow_run, tmp_path):
         assert elig["eligible"] == t["enhancement_ratio"]["true_patient"]["eligible"]
         dos = pd.read_csv(results / p / "dosimetry" / "dosimetry.tsv", sep="\t", dtype={"cycle": str})
         assert {"1", "2", "cumulative"} <= set(dos.cycle)
+    # the file contract (prrtquant.stages.layout): every declared file written, fixed columns as declared
+    for p in COHORT:
+        for stage, files in layout.OUTPUTS.items():
+            folder = results / "cohort" if stage == "cohort" else results / p / stage
+            for f in files:
+                assert f.exists(folder), f"{stage}: {f.name} not written for {p}"
+                if isinstance(f, layout.Table) and f.columns:
+                    assert tuple(f.read(folder).columns) == f.columns, f"{folder / f.name}: columns differ"
+        assert tuple(layout.SERIES.read(results / p).columns) == layout.SERIES.columns
+    assert tuple(layout.REGISTRATION_QC_TABLE.read(results / "cohort").columns) == layout.REGISTRATION_QC_TABLE.columns
     # the broken patient: recorded at ingest, passed on, listed as failed; the others are complete
     assert json.loads((results / "P04" / "ingest" / "FAILED.json").read_text())["stage"] == "ingest"
     assert json.loads((results / "P04" / "dosimetry" / "FAILED.json").read_text())["upstream"] is True

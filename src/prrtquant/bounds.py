@@ -23,14 +23,12 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Mapping
 
+from .errors import PhysicalBoundsError
+
 __all__ = ["DEFAULT_TOLERANCE", "Violation", "PhysicalBoundsError", "BoundsSettings", "check_activity",
            "check_tia", "check_non_negative", "flag_text", "raise_if_any"]
 
 DEFAULT_TOLERANCE = 0.10
-
-
-class PhysicalBoundsError(ValueError):
-    """Numbers no patient can have (raised only when the run is set to fail on them)."""
 
 
 @dataclass(frozen=True)

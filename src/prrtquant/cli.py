@@ -7,7 +7,6 @@ one patient by hand, and tests can call :func:`main` directly with an argument l
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -48,7 +47,7 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
-    from .dicom_index import index_dicom
+    from .dicom.index import index_dicom
     from .io import atomic_path
 
     res = index_dicom(args.dicom_dir)
@@ -70,7 +69,7 @@ def _load_config(path: Path | None) -> dict:
 
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
-    from .ingest import IngestConfig, PatientSheet, ingest
+    from .stages.ingest import IngestConfig, PatientSheet, ingest
 
     cfg = _load_config(args.config)
     sheet_path = args.sheet or (Path(cfg["patients"]) if "patients" in cfg else None)
@@ -86,7 +85,7 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def _cmd_register(args: argparse.Namespace) -> int:
-    from .register_stage import register_patient, settings_from_config
+    from .stages.register import register_patient, settings_from_config
 
     cfg = _load_config(args.config)
     settings, stage = settings_from_config(cfg.get("registration"))
@@ -97,10 +96,9 @@ def _cmd_register(args: argparse.Namespace) -> int:
 
 
 def _cmd_quantify(args: argparse.Namespace) -> int:
-    from .quantify_stage import QuantifySettings, quantify_patient
-
     from .bounds import BoundsSettings
     from .plausibility import PlausibilitySettings
+    from .stages.quantify import QuantifySettings, quantify_patient
 
     cfg = _load_config(args.config)
     elig = quantify_patient(args.ingest_dir, args.register_dir, args.out, QuantifySettings.from_config(cfg["quantify"]),
@@ -114,8 +112,8 @@ def _cmd_quantify(args: argparse.Namespace) -> int:
 
 def _cmd_dosimetry(args: argparse.Namespace) -> int:
     from .dosimetry import settings_from_config
-    from .dosimetry_stage import dosimetry_patient
-    from .regions import RegionSettings
+    from .stages.dosimetry import dosimetry_patient
+    from .stages.regions import RegionSettings
 
     cfg = _load_config(args.config)
     from .bounds import BoundsSettings
@@ -149,16 +147,15 @@ def _cmd_stack(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from .io import atomic_path, read_failure
+    from .stages.cohort import stack_tables
 
-    frames = []
+    frames: dict[str, pd.DataFrame | None] = {}
     for patient, path in _patient_paths(args.table, "--table").items():
         if read_failure(Path(path).parent) is not None:
             log.warning("%s: %s failed earlier, left out of the stack", patient, path)
             continue
-        df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
-        df.insert(0, "patient", patient)
-        frames.append(df)
-    out = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["patient"])
+        frames[patient] = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    out = stack_tables(frames)
     with atomic_path(args.out) as tmp:
         out.to_csv(tmp, sep="\t", index=False)
     log.info("stacked %d tables (%d rows) into %s", len(frames), len(out), args.out)
@@ -166,7 +163,7 @@ def _cmd_stack(args: argparse.Namespace) -> int:
 
 
 def _cmd_cohort(args: argparse.Namespace) -> int:
-    from .cohort import cohort_summary
+    from .stages.cohort import cohort_summary
 
     cohort_summary(_patient_paths(args.quantify, "--quantify"), args.out,
                    dosimetry_dirs=_patient_paths(args.dosimetry, "--dosimetry"))
@@ -174,8 +171,8 @@ def _cmd_cohort(args: argparse.Namespace) -> int:
 
 
 def _cmd_qc(args: argparse.Namespace) -> int:
-    from .cohort import registration_qc_table
     from .io import atomic_path
+    from .stages.cohort import registration_qc_table
 
     table = registration_qc_table(_patient_paths(args.register, "--register"))
     with atomic_path(args.out) as tmp:
@@ -198,6 +195,14 @@ def _get_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"prrtquant {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    _add_phantom(sub, common)
+    _add_stages(sub, common, stage)
+    _add_cohort(sub, common)
+    return p
+
+
+def _add_phantom(sub: Any, common: argparse.ArgumentParser) -> None:
+    """The ``phantom`` sub-command: one synthetic patient."""
     ph = sub.add_parser("phantom", parents=[common], help="write one synthetic patient (DICOM + truth.json)",
                         description="Write one synthetic PRRT patient as DICOM, with truth.json and sheet.json.")
     ph.add_argument("--out", required=True, type=Path, help="output directory (must not exist or be empty)")
@@ -233,6 +238,9 @@ def _get_parser() -> argparse.ArgumentParser:
                          "default: the design's)")
     ph.set_defaults(func=_cmd_phantom)
 
+
+def _add_stages(sub: Any, common: argparse.ArgumentParser, stage: argparse.ArgumentParser) -> None:
+    """One sub-command per per-patient stage: index, ingest, register, quantify, dosimetry."""
     ix = sub.add_parser("index", parents=[common], help="header-only index of the series in a DICOM folder",
                         description="List every DICOM series below DICOM_DIR (headers only) as a TSV.")
     ix.add_argument("dicom_dir", type=Path)
@@ -257,35 +265,32 @@ def _get_parser() -> argparse.ArgumentParser:
     rg.add_argument("--config", type=Path, help="workflow config.yaml (its `registration` section is used)")
     rg.set_defaults(func=_cmd_register)
 
-    qu = sub.add_parser("quantify", parents=[stage],
-                        help="endpoints: lesions, eligibility, organs, lobe T/N, cycles",
-                        description="Per-lesion SUVmean/max/peak on IA and IV PET, enhancement ratios, eligibility, "
-                                    "tumour-to-liver ratio and SSTR positivity, organs at risk; per SPECT time "
-                                    "point lobe T/N (lobar design) and every region's uptake per cycle. Writes "
-                                    "lesions.tsv, eligibility.json, organs.tsv, lobes.tsv, lobe_lesions.tsv, "
-                                    "cycles.tsv, quantify.json.")
-    qu.add_argument("ingest_dir", type=Path)
-    qu.add_argument("register_dir", type=Path)
-    qu.add_argument("--out", required=True, type=Path)
-    qu.add_argument("--config", type=Path, help="workflow config.yaml (its `quantify` section is used)")
-    qu.set_defaults(func=_cmd_quantify)
+    for name, func, help_, description, config_help in (
+        ("quantify", _cmd_quantify, "endpoints: lesions, eligibility, organs, lobe T/N, cycles",
+         "Per-lesion SUVmean/max/peak on IA and IV PET, enhancement ratios, eligibility, tumour-to-liver ratio and "
+         "SSTR positivity, organs at risk; per SPECT time point lobe T/N (lobar design) and every region's uptake "
+         "per cycle. Writes lesions.tsv, eligibility.json, organs.tsv, lobes.tsv, lobe_lesions.tsv, cycles.tsv, "
+         "quantify.json.",
+         "workflow config.yaml (its `quantify` section is used)"),
+        ("dosimetry", _cmd_dosimetry, "177Lu SPECT dosimetry: TACs, fits, TIA, residence time, absorbed dose, BED",
+         "Per region and cycle: activity at every SPECT time point (tac.tsv), mono/bi/tri-exponential and "
+         "uptake-washout fits (AICc where defined, else the fewest parameters passing chi-square), trapezoid + "
+         "physical tail, single-time-point methods (fits.tsv), TIA, residence time, absorbed dose by local "
+         "deposition, voxel-kernel convolution and S-values, kidney BED, cumulative doses vs limits "
+         "(dosimetry.tsv), DVHs, dose maps as NIfTI and RTDOSE, TAC plots.",
+         "workflow config.yaml (its `dosimetry` section, and the region definition of its `quantify` section, "
+         "are used)"),
+    ):
+        sp = sub.add_parser(name, parents=[stage], help=help_, description=description)
+        sp.add_argument("ingest_dir", type=Path)
+        sp.add_argument("register_dir", type=Path)
+        sp.add_argument("--out", required=True, type=Path)
+        sp.add_argument("--config", type=Path, help=config_help)
+        sp.set_defaults(func=func)
 
-    do = sub.add_parser("dosimetry", parents=[stage],
-                        help="177Lu SPECT dosimetry: TACs, fits, TIA, residence time, absorbed dose, BED",
-                        description="Per region and cycle: activity at every SPECT time point (tac.tsv), mono/bi/"
-                                    "tri-exponential and uptake-washout fits (AICc where defined, else the fewest parameters "
-                                    "passing chi-square), trapezoid + physical "
-                                    "tail, single-time-point methods (fits.tsv), TIA, residence time, absorbed dose "
-                                    "by local deposition, voxel-kernel convolution and S-values, kidney BED, "
-                                    "cumulative doses vs limits (dosimetry.tsv), DVHs, dose maps as NIfTI and "
-                                    "RTDOSE, TAC plots.")
-    do.add_argument("ingest_dir", type=Path)
-    do.add_argument("register_dir", type=Path)
-    do.add_argument("--out", required=True, type=Path)
-    do.add_argument("--config", type=Path, help="workflow config.yaml (its `dosimetry` section, and the region "
-                                                "definition of its `quantify` section, are used)")
-    do.set_defaults(func=_cmd_dosimetry)
 
+def _add_cohort(sub: Any, common: argparse.ArgumentParser) -> None:
+    """The cohort sub-commands: cohort, qc, stack."""
     co = sub.add_parser("cohort", parents=[common], help="cohort tables, eligibility count, lobar comparison, plots",
                         description="Stack every patient's quantify tables, count eligible patients, compare treated "
                                     "vs control lobe T/N across lobar patients (paired t-test on log T/N, geometric "
@@ -309,7 +314,7 @@ def _get_parser() -> argparse.ArgumentParser:
     sk.add_argument("--table", action="append", default=[], metavar="PATIENT=PATH", help="repeat per patient")
     sk.add_argument("--out", required=True, type=Path)
     sk.set_defaults(func=_cmd_stack)
-    return p
+
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -18,6 +18,8 @@ from typing import Any, Mapping
 
 import yaml
 
+from .errors import ConfigError
+
 __all__ = ["ConfigError", "CONFIG_SCHEMA", "PATIENTS_SCHEMA", "schema", "validate_config", "load_config",
            "stage_config", "coerce_command_line_values", "validate_sheet_row",
            "check_unique_patients"]
@@ -25,10 +27,6 @@ __all__ = ["ConfigError", "CONFIG_SCHEMA", "PATIENTS_SCHEMA", "schema", "validat
 #: the schema files, as paths usable by Snakemake's ``validate()`` (package data)
 CONFIG_SCHEMA = Path(str(resources.files("prrtquant") / "data" / "config.schema.yaml"))
 PATIENTS_SCHEMA = Path(str(resources.files("prrtquant") / "data" / "patients.schema.yaml"))
-
-
-class ConfigError(ValueError):
-    """A configuration that does not follow the schema (the message names the file and the key)."""
 
 
 def schema(which: str = "config") -> dict[str, Any]:
@@ -65,7 +63,7 @@ def validate_config(cfg: Mapping[str, Any] | None, source: str = "config",
     >>> validate_config({"quantify": {"treshold": 4.0}})
     Traceback (most recent call last):
     ...
-    prrtquant.config.ConfigError: config: quantify: Additional properties are not allowed ('treshold' was unexpected)
+    prrtquant.errors.ConfigError: config: quantify: Additional properties are not allowed ('treshold' was unexpected)
     """
     data = copy.deepcopy(dict(cfg or {}))
     sch = schema("config")
@@ -155,7 +153,7 @@ def validate_sheet_row(row: Mapping[str, Any], source: str) -> None:
     ...                    "sheet.tsv")
     Traceback (most recent call last):
     ...
-    prrtquant.config.ConfigError: sheet.tsv: patient P1: camera_cps_per_mbq: 'abc' does not match ...
+    prrtquant.errors.ConfigError: sheet.tsv: patient P1: camera_cps_per_mbq: 'abc' does not match ...
     """
     errors = sorted(_validator(schema("patients")).iter_errors(dict(row)), key=lambda e: list(e.absolute_path))
     if errors:

@@ -123,6 +123,17 @@ class Grid:
         }
 
 
+def voxel_volume_ml(image: sitk.Image) -> float:
+    """Volume of one voxel of a SimpleITK image in mL (1 mL = 1000 mm³).
+
+    >>> img = sitk.Image([2, 2, 2], sitk.sitkFloat32)
+    >>> img.SetSpacing([10.0, 10.0, 10.0])
+    >>> voxel_volume_ml(img)
+    1.0
+    """
+    return float(np.prod(image.GetSpacing())) / 1000.0
+
+
 def euler_matrix(angles_deg: Sequence[float]) -> Array:
     """Rotation matrix R = Rz @ Rx @ Ry for angles (about x, y, z) in degrees.
 

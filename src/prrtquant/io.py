@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import math
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+from .errors import CorruptImageError
 
 
 def _umask() -> int:
@@ -76,11 +79,21 @@ def json_ready(o: Any) -> Any:
         return {str(k): json_ready(v) for k, v in o.items()}
     if isinstance(o, (list, tuple)):
         return [json_ready(v) for v in o]
+    if hasattr(o, "tolist") and getattr(o, "ndim", 0) > 0:  # numpy arrays
+        return json_ready(o.tolist())
     if hasattr(o, "item") and not isinstance(o, (str, bytes)):
         o = o.item()
     if isinstance(o, float) and not math.isfinite(o):
         return None
     return o
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    """Write ``obj`` as strict, indented JSON (the one JSON writer of prrtquant's outputs): NaN and ±inf as
+    null, numpy values as numbers, anything else JSON does not know (dates, paths) as its text."""
+    p = Path(path)
+    p.write_text(json.dumps(json_ready(obj), indent=1, default=str))
+    return p
 
 
 #: A stage output folder holding only this file records that the stage failed on this patient's data.
@@ -92,22 +105,13 @@ def read_failure(folder: str | Path) -> dict[str, Any] | None:
     p = Path(folder) / FAILED
     if not p.is_file():
         return None
-    import json
-
     return dict(json.loads(p.read_text()))
 
 
 def write_failure(folder: str | Path, stage: str, error: str, upstream: bool = False) -> None:
     """Replace ``folder`` (atomically) by a folder holding only the failure record."""
-    import json
-
     with atomic_directory(folder) as tmp:
-        (tmp / FAILED).write_text(json.dumps({"status": "failed", "stage": stage, "error": error,
-                                              "upstream": upstream}, indent=1))
-
-
-class CorruptImageError(ValueError):
-    """A stage's NIfTI intermediate that is not what was written (truncated, emptied, modified)."""
+        write_json(tmp / FAILED, {"status": "failed", "stage": stage, "error": error, "upstream": upstream})
 
 
 def sha256_of(path: str | Path) -> str:
@@ -135,7 +139,6 @@ def check_nifti(path: str | Path) -> None:
     uncompressed length mod 2**32, the last four bytes of a one-member gzip file as written here) must
     equal the header's ``vox_offset + voxels * bytes per voxel``.
     """
-    import json
     import struct
     import zlib
 

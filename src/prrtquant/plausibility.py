@@ -33,11 +33,9 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
+from .errors import ImplausibleValue
+
 __all__ = ["ImplausibleValue", "Flag", "PlausibilitySettings", "check_range", "flag_range"]
-
-
-class ImplausibleValue(ValueError):
-    """A header or sheet value outside the range any real patient's data lies in."""
 
 
 @dataclass(frozen=True)

@@ -55,3 +55,16 @@ class RoiMapper:
                     return canonical.replace("{n}", str(int(n)))
                 return canonical
         return None
+
+
+def numbered(rois: Iterable[str], prefix: str) -> list[str]:
+    """The ROI names ``{prefix}N`` among ``rois`` in reading order (N ascending; names without a number last).
+
+    >>> numbered(["lesion_10", "liver", "lesion_2", "lesion_1"], "lesion_")
+    ['lesion_1', 'lesion_2', 'lesion_10']
+    """
+    def key(name: str) -> tuple[int, str]:
+        head, _, tail = name.rpartition("_")
+        return (int(tail), head) if tail.isdigit() else (10**6, name)
+
+    return sorted((str(r) for r in rois if str(r).startswith(prefix)), key=key)

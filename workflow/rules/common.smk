@@ -9,6 +9,7 @@ from prrtquant.config import (
     coerce_command_line_values,
     stage_config,
 )
+from prrtquant.stages.layout import PATIENT_TABLES
 
 
 # the schemas ship with the package, so the workflow and `prrtquant <stage> --config` validate alike;
@@ -36,7 +37,8 @@ def dicom_dir(wildcards):
     return str(SHEET_DIR / PATIENTS.loc[wildcards.patient, "dicom_dir"])
 
 
-COHORT_TABLES = ["lesions", "organs", "lobes", "lobe_lesions", "cycles", "dosimetry", "eligibility", "lobar_comparison"]
+# the cohort's stacked patient tables (declared in prrtquant.stages.layout), then its own
+COHORT_TABLES = [*PATIENT_TABLES, "eligibility", "lobar_comparison"]
 
 
 def all_targets():

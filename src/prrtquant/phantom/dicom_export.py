@@ -14,11 +14,11 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from .. import __version__
+from ..dicom.write import new_dataset, uid
 from ..geometry import Grid
 from ..radionuclides import Radionuclide
 
@@ -29,15 +29,6 @@ PET_STORAGE = "1.2.840.10008.5.1.4.1.1.128"
 NM_STORAGE = "1.2.840.10008.5.1.4.1.1.20"
 MR_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 RTSTRUCT_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
-
-#: UID root used for every generated UID (pydicom's root; deterministic with entropy sources,
-#: see shared PITFALLS: with prefix=None pydicom ignores the entropy sources).
-UID_ROOT = "1.2.826.0.1.3680043.8.498."
-
-
-def uid(*parts: object) -> str:
-    return str(generate_uid(prefix=UID_ROOT, entropy_srcs=[str(p) for p in parts]))
-
 
 @dataclass(frozen=True)
 class PatientInfo:
@@ -67,21 +58,6 @@ class SeriesInfo:
 
 def _dt(d: dt.datetime) -> tuple[str, str]:
     return d.strftime("%Y%m%d"), d.strftime("%H%M%S.%f")[:13]
-
-
-def new_dataset(sop_class: str, sop_uid: str) -> FileDataset:
-    """An empty Part 10 dataset (explicit VR little endian) of this SOP class and instance, ISO_IR 100."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = UID_ROOT + "1"
-    meta.ImplementationVersionName = f"PRRTQUANT_{__version__}"[:16]
-    ds = FileDataset("", Dataset(), file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID = sop_class
-    ds.SOPInstanceUID = sop_uid
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    return ds
 
 
 def _patient_study_series(ds: Dataset, patient: PatientInfo, s: SeriesInfo, modality: str) -> None:

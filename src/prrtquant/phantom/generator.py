@@ -26,9 +26,10 @@ import numpy as np
 import SimpleITK as sitk
 
 from .. import __version__
+from ..dicom.spect import decay_factor_during_acquisition
+from ..dicom.write import uid
 from ..geometry import Grid, Rigid
 from ..io import atomic_directory
-from ..nm import decay_factor_during_acquisition
 from ..radionuclides import GA68, LU177
 from . import physics
 from .anatomy import Anatomy, Deformation, build_anatomy, healthy_rois, iter_rois
@@ -38,7 +39,6 @@ from .dicom_export import (
     PatientInfo,
     RoiContours,
     SeriesInfo,
-    uid,
     write_ct,
     write_mr,
     write_nm,

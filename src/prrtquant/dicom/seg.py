@@ -33,8 +33,11 @@ from typing import Any
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence as DicomSequence
 
 from prrtquant.geometry import Grid
+
+from ..errors import SegError
 
 __all__ = ["SegError", "SegSegment", "read_seg"]
 
@@ -46,13 +49,6 @@ ORIENTATION_TOL_RAD = 1e-3
 SPACING_RTOL = 1e-3
 
 _SUPPORTED_TYPES = ("BINARY", "FRACTIONAL")
-
-
-class SegError(ValueError):
-    """A DICOM SEG that cannot be read, or that does not fit the grid it is decoded onto.
-
-    The message always names the file and the problem.
-    """
 
 
 @dataclass(frozen=True)
@@ -174,6 +170,103 @@ def _place(name: str, where: str, ipp: np.ndarray, grid: Grid, rows: int, cols: 
     return _FramePlane(k=k, i0=i0, j0=j0)
 
 
+def _open_seg(path: Path, name: str) -> hd.seg.Segmentation:
+    """The SEG read by :func:`highdicom.seg.segread`; anything but a missing file becomes SegError."""
+    try:
+        return hd.seg.segread(path)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # highdicom/pydicom raise a variety of errors for non-SEG input
+        raise SegError(f"{name}: not a readable DICOM Segmentation ({type(exc).__name__}: {exc})") from exc
+
+
+def _segmentation_type(seg: hd.seg.Segmentation, name: str) -> tuple[bool, float]:
+    """(fractional, MaximumFractionalValue or 1.0) of a BINARY or FRACTIONAL SEG; other types refused."""
+    seg_type = str(seg.get("SegmentationType", ""))
+    if seg_type not in _SUPPORTED_TYPES:
+        raise SegError(f"{name}: SegmentationType {seg_type or '(missing)'!r} is not supported "
+                       f"(only {', '.join(_SUPPORTED_TYPES)})")
+    fractional = seg_type == "FRACTIONAL"
+    max_value = 1.0
+    if fractional:
+        max_value = float(seg.get("MaximumFractionalValue", 0) or 0)
+        if max_value <= 0:
+            raise SegError(f"{name}: FRACTIONAL SEG without a positive MaximumFractionalValue")
+    return fractional, max_value
+
+
+def _per_frame_groups(seg: hd.seg.Segmentation, name: str) -> DicomSequence:
+    """PerFrameFunctionalGroupsSequence, refused unless it has one item per frame."""
+    per_frame_seq = seg.get("PerFrameFunctionalGroupsSequence")
+    n_frames = int(seg.get("NumberOfFrames", 1))
+    if per_frame_seq is None or len(per_frame_seq) != n_frames:
+        raise SegError(
+            f"{name}: PerFrameFunctionalGroupsSequence has "
+            f"{0 if per_frame_seq is None else len(per_frame_seq)} items for {n_frames} frames"
+        )
+    return per_frame_seq
+
+
+def _segment_labels(seg: hd.seg.Segmentation, name: str) -> dict[int, str]:
+    """SegmentNumber -> SegmentLabel, in the order of SegmentSequence; duplicates or none refused."""
+    labels: dict[int, str] = {}
+    for item in seg.get("SegmentSequence", []):
+        number = int(item.SegmentNumber)
+        if number in labels:
+            raise SegError(f"{name}: segment number {number} is described twice in SegmentSequence")
+        labels[number] = str(item.get("SegmentLabel", ""))
+    if not labels:
+        raise SegError(f"{name}: SegmentSequence is empty")
+    return labels
+
+
+def _referenced_segment(name: str, fg: Dataset, shared: Dataset | None, frame_number: int,
+                        labels: dict[int, str]) -> int:
+    """The described segment a frame belongs to (ReferencedSegmentNumber, per-frame first, then shared)."""
+    ident = _item(fg, "SegmentIdentificationSequence") or _item(shared, "SegmentIdentificationSequence")
+    if ident is None or "ReferencedSegmentNumber" not in ident:
+        raise SegError(f"{name}: frame {frame_number} has no ReferencedSegmentNumber")
+    number = int(ident.ReferencedSegmentNumber)
+    if number not in labels:
+        raise SegError(f"{name}: frame {frame_number} refers to segment {number}, which is not in "
+                       f"SegmentSequence (segments {sorted(labels)})")
+    return number
+
+
+def _frame_geometry(name: str, where: str, fg: Dataset, shared: Dataset | None
+                    ) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
+    """(ImagePositionPatient, ImageOrientationPatient, PixelSpacing) of a frame, per-frame before shared."""
+    ipp = _frame_attr(fg, shared, "PlanePositionSequence", "ImagePositionPatient")
+    iop = _frame_attr(fg, shared, "PlaneOrientationSequence", "ImageOrientationPatient")
+    spacing = _frame_attr(fg, shared, "PixelMeasuresSequence", "PixelSpacing")
+    if ipp is None or len(ipp) != 3:
+        raise SegError(f"{name}: {where} has no ImagePositionPatient in PlanePositionSequence")
+    if iop is None or len(iop) != 6:
+        raise SegError(f"{name}: {where} has no ImageOrientationPatient in PlaneOrientationSequence")
+    if spacing is None or len(spacing) != 2:
+        raise SegError(f"{name}: {where} has no PixelSpacing in PixelMeasuresSequence")
+    ipp_a = np.asarray([float(v) for v in ipp])
+    iop_a = np.asarray([float(v) for v in iop])
+    return ipp_a, iop_a, (float(spacing[0]), float(spacing[1]))
+
+
+def _fill_frame(name: str, where: str, seg: hd.seg.Segmentation, frame_number: int, target: np.ndarray,
+                fractional: bool, max_value: float) -> None:
+    """Decode frame ``frame_number`` into ``target`` (a (rows, cols) view of a mask): bool, or value / max."""
+    rows, cols = target.shape
+    frame = np.asarray(seg.get_stored_frame(frame_number))
+    if frame.shape != (rows, cols):
+        raise SegError(f"{name}: frame {frame_number} decodes to shape {frame.shape}, "
+                       f"expected ({rows}, {cols})")
+    if fractional:
+        if frame.size and (frame.min() < 0 or frame.max() > max_value):
+            raise SegError(f"{name}: {where} has values outside 0..{max_value:g} "
+                           f"(MaximumFractionalValue)")
+        target[...] = frame.astype(np.float32) / np.float32(max_value)
+    else:
+        target[...] = frame != 0
+
+
 def read_seg(path: str | Path, grid: Grid, tolerance_mm: float | None = None) -> list[SegSegment]:
     """Every segment of the SEG at ``path`` on ``grid`` (the referenced image's grid).
 
@@ -215,43 +308,12 @@ def read_seg(path: str | Path, grid: Grid, tolerance_mm: float | None = None) ->
     if not np.isfinite(tol) or tol < 0:
         raise ValueError(f"tolerance_mm must be a non-negative number, got {tolerance_mm!r}")
 
-    try:
-        seg = hd.seg.segread(path)
-    except FileNotFoundError:
-        raise
-    except Exception as exc:  # highdicom/pydicom raise a variety of errors for non-SEG input
-        raise SegError(f"{name}: not a readable DICOM Segmentation ({type(exc).__name__}: {exc})") from exc
-
-    seg_type = str(seg.get("SegmentationType", ""))
-    if seg_type not in _SUPPORTED_TYPES:
-        raise SegError(f"{name}: SegmentationType {seg_type or '(missing)'!r} is not supported "
-                       f"(only {', '.join(_SUPPORTED_TYPES)})")
-    fractional = seg_type == "FRACTIONAL"
-    max_value = 1.0
-    if fractional:
-        max_value = float(seg.get("MaximumFractionalValue", 0) or 0)
-        if max_value <= 0:
-            raise SegError(f"{name}: FRACTIONAL SEG without a positive MaximumFractionalValue")
-
+    seg = _open_seg(path, name)
+    fractional, max_value = _segmentation_type(seg, name)
     rows, cols = int(seg.Rows), int(seg.Columns)
     shared = _item(seg, "SharedFunctionalGroupsSequence")
-    per_frame_seq = seg.get("PerFrameFunctionalGroupsSequence")
-    n_frames = int(seg.get("NumberOfFrames", 1))
-    if per_frame_seq is None or len(per_frame_seq) != n_frames:
-        raise SegError(
-            f"{name}: PerFrameFunctionalGroupsSequence has "
-            f"{0 if per_frame_seq is None else len(per_frame_seq)} items for {n_frames} frames"
-        )
-
-    # Segments, in the order of SegmentSequence.
-    labels: dict[int, str] = {}
-    for item in seg.get("SegmentSequence", []):
-        number = int(item.SegmentNumber)
-        if number in labels:
-            raise SegError(f"{name}: segment number {number} is described twice in SegmentSequence")
-        labels[number] = str(item.get("SegmentLabel", ""))
-    if not labels:
-        raise SegError(f"{name}: SegmentSequence is empty")
+    per_frame_seq = _per_frame_groups(seg, name)
+    labels = _segment_labels(seg, name)
 
     dtype = np.float32 if fractional else np.bool_
     masks = {n: np.zeros(grid.shape_zyx, dtype=dtype) for n in labels}
@@ -260,27 +322,9 @@ def read_seg(path: str | Path, grid: Grid, tolerance_mm: float | None = None) ->
 
     for index, fg in enumerate(per_frame_seq):
         frame_number = index + 1
-        ident = _item(fg, "SegmentIdentificationSequence") or _item(shared, "SegmentIdentificationSequence")
-        if ident is None or "ReferencedSegmentNumber" not in ident:
-            raise SegError(f"{name}: frame {frame_number} has no ReferencedSegmentNumber")
-        number = int(ident.ReferencedSegmentNumber)
-        if number not in labels:
-            raise SegError(f"{name}: frame {frame_number} refers to segment {number}, which is not in "
-                           f"SegmentSequence (segments {sorted(labels)})")
+        number = _referenced_segment(name, fg, shared, frame_number, labels)
         where = f"frame {frame_number} of segment {number} ({labels[number]!r})"
-
-        ipp = _frame_attr(fg, shared, "PlanePositionSequence", "ImagePositionPatient")
-        iop = _frame_attr(fg, shared, "PlaneOrientationSequence", "ImageOrientationPatient")
-        spacing = _frame_attr(fg, shared, "PixelMeasuresSequence", "PixelSpacing")
-        if ipp is None or len(ipp) != 3:
-            raise SegError(f"{name}: {where} has no ImagePositionPatient in PlanePositionSequence")
-        if iop is None or len(iop) != 6:
-            raise SegError(f"{name}: {where} has no ImageOrientationPatient in PlaneOrientationSequence")
-        if spacing is None or len(spacing) != 2:
-            raise SegError(f"{name}: {where} has no PixelSpacing in PixelMeasuresSequence")
-        ipp_a = np.asarray([float(v) for v in ipp])
-        iop_a = np.asarray([float(v) for v in iop])
-        sp = (float(spacing[0]), float(spacing[1]))
+        ipp_a, iop_a, sp = _frame_geometry(name, where, fg, shared)
 
         key = (*iop_a.tolist(), *sp)
         if key not in checked_geometry:
@@ -294,18 +338,7 @@ def read_seg(path: str | Path, grid: Grid, tolerance_mm: float | None = None) ->
                 f"which frame {filled[(number, plane.k)]} of the same segment already occupies"
             )
         filled[(number, plane.k)] = frame_number
-
-        frame = np.asarray(seg.get_stored_frame(frame_number))
-        if frame.shape != (rows, cols):
-            raise SegError(f"{name}: frame {frame_number} decodes to shape {frame.shape}, "
-                           f"expected ({rows}, {cols})")
         target = masks[number][plane.k, plane.j0:plane.j0 + rows, plane.i0:plane.i0 + cols]
-        if fractional:
-            if frame.size and (frame.min() < 0 or frame.max() > max_value):
-                raise SegError(f"{name}: {where} has values outside 0..{max_value:g} "
-                               f"(MaximumFractionalValue)")
-            target[...] = frame.astype(np.float32) / np.float32(max_value)
-        else:
-            target[...] = frame != 0
+        _fill_frame(name, where, seg, frame_number, target, fractional, max_value)
 
     return [SegSegment(number=n, label=labels[n], mask=masks[n]) for n in labels]

@@ -15,13 +15,10 @@ from typing import Sequence
 import numpy as np
 import pydicom
 
-from .geometry import Grid
+from ..errors import SeriesError
+from ..geometry import Grid
 
 Array = np.ndarray
-
-
-class SeriesError(ValueError):
-    """A series that cannot become one regular 3-D image."""
 
 
 @dataclass(frozen=True)

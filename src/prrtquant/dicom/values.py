@@ -12,6 +12,7 @@ import re
 import struct
 from typing import Any
 
+from pydicom.dataelem import DataElement
 from pydicom.multival import MultiValue
 
 
@@ -106,3 +107,32 @@ def combine(date: Any, time: Any) -> datetime.datetime | None:
     """A DA and a TM value as one naive datetime; None when either is empty."""
     d, t = parse_date(date), parse_time(time)
     return None if d is None or t is None else datetime.datetime.combine(d, t)
+
+
+def series_datetime(ds: Any, note: Any = None) -> datetime.datetime | None:
+    """SeriesDate + SeriesTime of a dataset; a missing SeriesDate is taken from AcquisitionDate, else
+    StudyDate (said through ``note(text)`` when given); None without a SeriesTime or any date.
+
+    Raises ValueError when SeriesDate or SeriesTime cannot be parsed.
+    """
+    t = parse_time(getattr(ds, "SeriesTime", None))
+    d = parse_date(getattr(ds, "SeriesDate", None))
+    if t is None:
+        return None
+    if d is None:
+        for kw in ("AcquisitionDate", "StudyDate"):
+            try:
+                d = parse_date(getattr(ds, kw, None))
+            except ValueError:
+                d = None
+            if d is not None:
+                if note is not None:
+                    note(f"SeriesDate missing: SeriesTime combined with {kw}")
+                break
+    return None if d is None else datetime.datetime.combine(d, t)
+
+
+def element_value(ds: Any, key: Any) -> Any:
+    """Value of an attribute of a dataset, by keyword or tag; None when absent."""
+    el = ds.get(key, None)
+    return el.value if isinstance(el, DataElement) else el

@@ -17,13 +17,10 @@ from scipy import ndimage
 from scipy.interpolate import PchipInterpolator
 from scipy.spatial import cKDTree
 
-from .geometry import Grid
+from ..errors import MaskError
+from ..geometry import Grid
 
 Array = np.ndarray
-
-
-class MaskError(ValueError):
-    """A structure set that cannot be placed on the image it should belong to."""
 
 
 @dataclass(frozen=True)

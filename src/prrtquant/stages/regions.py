@@ -20,8 +20,9 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
-from .quantify import healthy_liver_mask
-from .io import read_image
+from ..roi_names import numbered
+from ..io import read_image
+from ..quantify import healthy_liver_mask
 
 __all__ = ["RegionSettings", "HEALTHY_LIVER", "lesion_names", "read_session_masks", "session_regions"]
 
@@ -49,14 +50,9 @@ class RegionSettings:
         return cls(mask_kind=str(q.get("mask_kind", "binary")), liver_margin_mm=float(q.get("liver_margin_mm", 0.0)))
 
 
-def _number(name: str) -> int:
-    tail = name.rsplit("_", 1)[-1]
-    return int(tail) if tail.isdigit() else 10**6
-
-
 def lesion_names(rois: Any) -> list[str]:
     """Target lesions (``lesion_N``) among ROI names, in reading order (N ascending)."""
-    return sorted((r for r in rois if str(r).startswith("lesion_")), key=_number)
+    return numbered(rois, "lesion_")
 
 
 def read_session_masks(register_dir: Path, table: pd.DataFrame, session: str, kind: str) -> dict[str, sitk.Image]:

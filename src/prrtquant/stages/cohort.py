@@ -10,7 +10,7 @@
   flags) and ``status`` (``ok``, ``flagged`` or ``failed`` with the reason);
 - ``lobar_comparison.tsv``: per therapy cycle, at the T/N endpoint time point (24 h), the paired
   comparison of treated vs control lobe T/N across lobar-design patients
-  (:func:`prrtquant.quantify.paired_lobe_comparison`);
+  (:func:`prrtquant.quantify.lobes.paired_lobe_comparison`);
 - ``summary.json``: counts (patients, eligible, flagged, failed), the ER distribution per statistic, the
   paired comparisons, the failed patients and why, the patients with physically impossible numbers;
 - ``physical_bounds.tsv`` and ``physical_bounds.html`` (for the report): every physically impossible
@@ -21,7 +21,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -30,24 +29,25 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
-from . import __version__
-from .io import atomic_path, json_ready, read_failure
-from .quantify import QuantifyError, paired_lobe_comparison
+from .. import __version__
+from ..io import atomic_path, read_failure
+from ..quantify import QuantifyError, paired_lobe_comparison
+from . import layout
 
 log = logging.getLogger(__name__)
 
-TABLES = ("lesions", "organs", "lobes", "lobe_lesions", "cycles", "dosimetry")
+TABLES = tuple(layout.PATIENT_TABLES)
 PLOTS = ("er_distribution", "lobar_tn_paired", "uptake_by_route")
 
 
 def _read(folder: Path, name: str) -> pd.DataFrame | None:
-    p = folder / f"{name}.tsv"
-    if not p.exists():
-        return None
-    return pd.read_csv(p, sep="\t")
+    table = layout.PATIENT_TABLES[name]
+    return table.read(folder, text=False) if table.exists(folder) else None
 
 
-def _stack(frames: Mapping[str, pd.DataFrame | None]) -> pd.DataFrame:
+def stack_tables(frames: Mapping[str, pd.DataFrame | None]) -> pd.DataFrame:
+    """One table of every patient's (``patient`` first); patients without the table left out, empty
+    tables left out unless every one is empty."""
     parts = []
     for patient, df in frames.items():
         if df is None:
@@ -65,7 +65,7 @@ def _eligibility_row(patient: str, folder: Path) -> dict[str, Any]:
         return {"patient": patient, "status": "failed", "reason": f"{fail.get('stage')}: {fail.get('error')}",
                 "design": None, "statistic": None, "value": math.nan, "threshold": math.nan, "eligible": None,
                 "n_lesions": 0, "lesions": "", "sstr_positive_fraction": math.nan, "qc_flags": ""}
-    e = json.loads((folder / "eligibility.json").read_text())
+    e = layout.ELIGIBILITY.read(folder)
     flags = list(e.get("qc_flags") or [])
     return {"patient": patient, "status": "flagged" if e.get("flagged") else "ok", "reason": "",
             "design": e.get("design"), "statistic": e.get("statistic"),
@@ -83,8 +83,7 @@ def _endpoint_rows(lobes: pd.DataFrame) -> pd.DataFrame:
 
 def lobar_comparisons(lobes: pd.DataFrame) -> pd.DataFrame:
     """Paired treated-vs-control T/N per cycle at the endpoint time point, across patients."""
-    cols = ["cycle", "n", "gmr", "ci_low", "ci_high", "mean_log_ratio", "sd_log_ratio", "t_statistic", "p_ttest",
-            "p_wilcoxon", "wilcoxon_method", "n_increase", "share_increase", "patients", "note"]
+    cols = list(layout.LOBAR_COMPARISON.columns)
     if lobes.empty or "endpoint" not in lobes:
         return pd.DataFrame(columns=cols)
     end = _endpoint_rows(lobes)
@@ -179,27 +178,24 @@ def _plots(out: Path, lesions: pd.DataFrame, lobes: pd.DataFrame, cycles: pd.Dat
     _save_png(plt, fig, plots / "uptake_by_route.png")
 
 
-BOUNDS_COLUMNS = ["patient", "stage", "quantity", "region", "where", "value", "bound", "unit", "source", "message"]
 
 
 def _bounds_rows(patient: str, folders: list[Path]) -> list[dict[str, Any]]:
     """Physical-bound violations recorded by a patient's stages (each listed once)."""
     seen: dict[str, dict[str, Any]] = {}
-    for folder, name in ((f, n) for f in folders for n in ("quantify.json", "summary.json")):
-        path = folder / name
-        if read_failure(folder) is not None or not path.exists():
+    for folder, doc in ((f, d) for f in folders for d in (layout.QUANTIFY_SUMMARY, layout.DOSIMETRY_SUMMARY)):
+        if read_failure(folder) is not None or not doc.exists(folder):
             continue
-        for v in json.loads(path.read_text()).get("physical_bounds") or []:
-            seen.setdefault(str(v.get("message")), {"patient": patient, **{c: v.get(c) for c in BOUNDS_COLUMNS[1:]}})
+        for v in doc.read(folder).get("physical_bounds") or []:
+            seen.setdefault(str(v.get("message")), {"patient": patient, **{c: v.get(c) for c in layout.PHYSICAL_BOUNDS.columns[1:]}})
     return list(seen.values())
 
 
 def _plausibility_messages(folder: Path) -> list[str]:
     """Header values that ingest flagged as implausible (carried by quantify.json)."""
-    path = folder / "quantify.json"
-    if read_failure(folder) is not None or not path.exists():
+    if read_failure(folder) is not None or not layout.QUANTIFY_SUMMARY.exists(folder):
         return []
-    return [str(f.get("message")) for f in json.loads(path.read_text()).get("plausibility") or []]
+    return [str(f.get("message")) for f in layout.QUANTIFY_SUMMARY.read(folder).get("plausibility") or []]
 
 
 def _html_table(df: pd.DataFrame, title: str, empty: str) -> str:
@@ -211,6 +207,112 @@ def _html_table(df: pd.DataFrame, title: str, empty: str) -> str:
             "body{font-family:sans-serif;font-size:13px}table{border-collapse:collapse}"
             "td,th{border:1px solid #bbb;padding:3px 6px;text-align:left}th{background:#eee}</style></head><body>"
             f"<h3>{html.escape(title)}</h3>{body}</body></html>")
+
+
+def _flag_row(row: dict[str, Any], quantify_dir: Path, dosimetry_dir: Path | None
+              ) -> tuple[list[dict[str, Any]], list[str]]:
+    """Complete one patient's eligibility row (in place) with what flags or explains it: a failed dosimetry,
+    physically impossible numbers, implausible header values; return (bound violations, implausible values)."""
+    fail = read_failure(dosimetry_dir) if dosimetry_dir is not None else None
+    if fail is not None and row["status"] != "failed":
+        row["reason"] = f"dosimetry failed: {fail.get('stage')}: {fail.get('error')}"
+    found = _bounds_rows(row["patient"], [quantify_dir] + ([dosimetry_dir] if dosimetry_dir is not None else []))
+    row["physical_bounds"] = len(found)
+    if found and row["status"] != "failed":
+        row["status"] = "flagged"
+        why = f"{len(found)} physically impossible value(s): {found[0]['message']}"
+        row["reason"] = "; ".join(x for x in (row.get("reason"), why) if x)
+    implausible = _plausibility_messages(quantify_dir)
+    row["plausibility_flags"] = len(implausible)
+    if implausible and row["status"] != "failed":
+        row["status"] = "flagged"
+        why = f"{len(implausible)} implausible header value(s): {implausible[0]}"
+        row["reason"] = "; ".join(x for x in (row.get("reason"), why) if x)
+    return found, implausible
+
+
+def _eligibility_rows(folders: Mapping[str, Path], dos: Mapping[str, Path], failures: Mapping[str, str]
+                      ) -> tuple[pd.DataFrame, list[dict[str, Any]], dict[str, list[str]]]:
+    """(``eligibility.tsv``, every physical-bound violation, implausible header values per patient): one row per
+    quantify folder with its failure or flag reasons, then one per patient without a quantify folder."""
+    rows = [_eligibility_row(p, f) for p, f in folders.items()]
+    bounds_rows: list[dict[str, Any]] = []
+    plausibility: dict[str, list[str]] = {}
+    for row in rows:
+        p = row["patient"]
+        found, plausibility[p] = _flag_row(row, folders[p], dos.get(p))
+        bounds_rows += found
+    for p, why in failures.items():
+        rows.append({"patient": p, "status": "failed", "reason": why})
+    return pd.DataFrame(rows), bounds_rows, plausibility
+
+
+def _stacked_tables(ok: Mapping[str, Path], dos: Mapping[str, Path]) -> dict[str, pd.DataFrame]:
+    """Every patient table stacked: quantify's of the patients that did not fail, dosimetry's likewise."""
+    stacked = {name: stack_tables({p: _read(f, name) for p, f in ok.items()}) for name in TABLES
+               if name != "dosimetry"}
+    stacked["dosimetry"] = stack_tables({p: _read(d, "dosimetry") for p, d in dos.items() if read_failure(d) is None})
+    return stacked
+
+
+def _decision_rule(ok: Mapping[str, Path]) -> tuple[str, float]:
+    """(statistic, threshold) of the eligibility decision: the first evaluated patient's, else the defaults."""
+    statistic, threshold = "er_max", 3.0
+    for f in ok.values():
+        e = layout.ELIGIBILITY.read(f)
+        statistic, threshold = e.get("statistic", statistic), float(e.get("threshold", threshold))
+        break
+    return statistic, threshold
+
+
+def _er_distribution(lesions: pd.DataFrame) -> dict[str, dict[str, Any]]:
+    """Per ER statistic across every lesion of the cohort: n, median, quartiles, range (only n when empty)."""
+    dist = {}
+    for k in ("er_mean", "er_max", "er_peak"):
+        v = lesions[k].dropna().to_numpy(dtype=float) if k in lesions else np.array([])
+        dist[k] = ({"n": int(v.size), "median": float(np.median(v)), "q1": float(np.percentile(v, 25)),
+                    "q3": float(np.percentile(v, 75)), "min": float(v.min()), "max": float(v.max())}
+                   if v.size else {"n": 0})
+    return dist
+
+
+def _summary(elig: pd.DataFrame, bounds_rows: list[dict[str, Any]], plausibility: Mapping[str, list[str]],
+             statistic: str, threshold: float, dist: dict[str, dict[str, Any]],
+             comparisons: pd.DataFrame) -> dict[str, Any]:
+    """The content of ``summary.json``: counts, failures, flags, ER distribution, lobar comparisons."""
+    failed = elig[elig.status == "failed"] if "status" in elig else elig.iloc[0:0]
+    return {
+        "n_patients": len(elig), "n_evaluated": int((elig.status != "failed").sum()) if len(elig) else 0,
+        "n_eligible": int((elig.get("eligible") == True).sum()) if len(elig) else 0,  # noqa: E712
+        "n_flagged": int((elig.status == "flagged").sum()) if len(elig) else 0,
+        "failed": {r.patient: r.reason for r in failed.itertuples()},
+        "dosimetry_failed": {r.patient: r.reason for r in elig.itertuples()
+                             if isinstance(r.reason, str) and r.reason.startswith("dosimetry failed")},
+        "physical_bounds": {p: [r["message"] for r in bounds_rows if r["patient"] == p]
+                            for p in dict.fromkeys(r["patient"] for r in bounds_rows)},
+        "plausibility": {p: m for p, m in plausibility.items() if m},
+        "statistic": statistic, "threshold": threshold, "er_distribution": dist,
+        "lobar_comparison": comparisons.replace({np.nan: None}).to_dict(orient="records"),
+        "prrtquant_version": __version__,
+    }
+
+
+def _write_outputs(out: Path, stacked: Mapping[str, pd.DataFrame], elig: pd.DataFrame, comparisons: pd.DataFrame,
+                   bounds_rows: list[dict[str, Any]], statistic: str, threshold: float,
+                   summary: Mapping[str, Any]) -> None:
+    """Write every cohort output, each atomically, ``summary.json`` last."""
+    for name, df in stacked.items():
+        layout.PATIENT_TABLES[name].write_atomic(out, df)
+    layout.COHORT_ELIGIBILITY.write_atomic(out, elig)
+    layout.LOBAR_COMPARISON.write_atomic(out, comparisons)
+    bounds = layout.PHYSICAL_BOUNDS.frame(bounds_rows)
+    layout.PHYSICAL_BOUNDS.write_atomic(out, bounds)
+    with atomic_path(out / "physical_bounds.html") as tmp:
+        tmp.write_text(_html_table(bounds, "Physically impossible numbers (flagged, never reported as results)",
+                                   f"None: every absolute number of the {len(elig)} patients is within its physical "
+                                   f"bound."))
+    _plots(out, stacked["lesions"], stacked["lobes"], stacked["cycles"], statistic, threshold)
+    layout.COHORT_SUMMARY.write_atomic(out, summary)
 
 
 def cohort_summary(quantify_dirs: Mapping[str, str | Path], out_dir: str | Path,
@@ -226,83 +328,16 @@ def cohort_summary(quantify_dirs: Mapping[str, str | Path], out_dir: str | Path,
     folders = {p: Path(d) for p, d in quantify_dirs.items()}
     ok = {p: f for p, f in folders.items() if read_failure(f) is None}
     dos = {p: Path(d) for p, d in (dosimetry_dirs or {}).items()}
-    elig_rows = [_eligibility_row(p, f) for p, f in folders.items()]
-    for row in elig_rows:
-        fail = read_failure(dos[row["patient"]]) if row["patient"] in dos else None
-        if fail is not None and row["status"] != "failed":
-            row["reason"] = f"dosimetry failed: {fail.get('stage')}: {fail.get('error')}"
-    bounds_rows: list[dict[str, Any]] = []
-    plausibility: dict[str, list[str]] = {}
-    for row in elig_rows:
-        p = row["patient"]
-        found = _bounds_rows(p, [folders[p]] + ([dos[p]] if p in dos else []))
-        bounds_rows += found
-        row["physical_bounds"] = len(found)
-        if found and row["status"] != "failed":
-            row["status"] = "flagged"
-            why = f"{len(found)} physically impossible value(s): {found[0]['message']}"
-            row["reason"] = "; ".join(x for x in (row.get("reason"), why) if x)
-        implausible = _plausibility_messages(folders[p])
-        plausibility[p] = implausible
-        row["plausibility_flags"] = len(implausible)
-        if implausible and row["status"] != "failed":
-            row["status"] = "flagged"
-            why = f"{len(implausible)} implausible header value(s): {implausible[0]}"
-            row["reason"] = "; ".join(x for x in (row.get("reason"), why) if x)
-    for p, why in (failures or {}).items():
-        elig_rows.append({"patient": p, "status": "failed", "reason": why})
-    elig = pd.DataFrame(elig_rows)
-    stacked = {name: _stack({p: _read(f, name) for p, f in ok.items()}) for name in TABLES if name != "dosimetry"}
-    stacked["dosimetry"] = _stack({p: _read(d, "dosimetry") for p, d in dos.items() if read_failure(d) is None})
+    elig, bounds_rows, plausibility = _eligibility_rows(folders, dos, failures or {})
+    stacked = _stacked_tables(ok, dos)
     comparisons = lobar_comparisons(stacked["lobes"])
-    statistic, threshold = "er_max", 3.0
-    for f in ok.values():
-        e = json.loads((f / "eligibility.json").read_text())
-        statistic, threshold = e.get("statistic", statistic), float(e.get("threshold", threshold))
-        break
-    les = stacked["lesions"]
-    dist = {}
-    for k in ("er_mean", "er_max", "er_peak"):
-        v = les[k].dropna().to_numpy(dtype=float) if k in les else np.array([])
-        dist[k] = ({"n": int(v.size), "median": float(np.median(v)), "q1": float(np.percentile(v, 25)),
-                    "q3": float(np.percentile(v, 75)), "min": float(v.min()), "max": float(v.max())}
-                   if v.size else {"n": 0})
-    failed = elig[elig.status == "failed"] if "status" in elig else elig.iloc[0:0]
-    summary = {
-        "n_patients": len(elig), "n_evaluated": int((elig.status != "failed").sum()) if len(elig) else 0,
-        "n_eligible": int((elig.get("eligible") == True).sum()) if len(elig) else 0,  # noqa: E712
-        "n_flagged": int((elig.status == "flagged").sum()) if len(elig) else 0,
-        "failed": {r.patient: r.reason for r in failed.itertuples()},
-        "dosimetry_failed": {r.patient: r.reason for r in elig.itertuples()
-                             if isinstance(r.reason, str) and r.reason.startswith("dosimetry failed")},
-        "physical_bounds": {p: [r["message"] for r in bounds_rows if r["patient"] == p]
-                            for p in dict.fromkeys(r["patient"] for r in bounds_rows)},
-        "plausibility": {p: m for p, m in plausibility.items() if m},
-        "statistic": statistic, "threshold": threshold, "er_distribution": dist,
-        "lobar_comparison": comparisons.replace({np.nan: None}).to_dict(orient="records"),
-        "prrtquant_version": __version__,
-    }
-    for name, df in stacked.items():
-        with atomic_path(out / f"{name}.tsv") as tmp:
-            df.to_csv(tmp, sep="\t", index=False)
-    with atomic_path(out / "eligibility.tsv") as tmp:
-        elig.to_csv(tmp, sep="\t", index=False)
-    with atomic_path(out / "lobar_comparison.tsv") as tmp:
-        comparisons.to_csv(tmp, sep="\t", index=False)
-    bounds = pd.DataFrame(bounds_rows, columns=BOUNDS_COLUMNS)
-    with atomic_path(out / "physical_bounds.tsv") as tmp:
-        bounds.to_csv(tmp, sep="\t", index=False)
-    with atomic_path(out / "physical_bounds.html") as tmp:
-        tmp.write_text(_html_table(bounds, "Physically impossible numbers (flagged, never reported as results)",
-                                   f"None: every absolute number of the {len(elig)} patients is within its physical "
-                                   f"bound."))
-    _plots(out, les, stacked["lobes"], stacked["cycles"], statistic, threshold)
-    with atomic_path(out / "summary.json") as tmp:
-        tmp.write_text(json.dumps(json_ready(summary), indent=1))
+    statistic, threshold = _decision_rule(ok)
+    dist = _er_distribution(stacked["lesions"])
+    summary = _summary(elig, bounds_rows, plausibility, statistic, threshold, dist, comparisons)
+    _write_outputs(out, stacked, elig, comparisons, bounds_rows, statistic, threshold, summary)
     log.info("cohort: %d patients, %d eligible, %d flagged, %d failed", summary["n_patients"],
              summary["n_eligible"], summary["n_flagged"], len(summary["failed"]))
     return summary
-
 
 
 def registration_qc_table(register_dirs: Mapping[str, str | Path]) -> pd.DataFrame:
@@ -316,7 +351,7 @@ def registration_qc_table(register_dirs: Mapping[str, str | Path]) -> pd.DataFra
             rows.append({"patient": patient, "session": "", "registration": "", "passed": False,
                          "reasons": f"not run: {fail.get('stage')} failed: {fail.get('error')}"})
             continue
-        qc = json.loads((Path(folder) / "qc.json").read_text())
+        qc = layout.REGISTRATION_QC.read(folder)
         for session, q in qc.get("sessions", {}).items():
             entries = [("ct_to_reference" if q.get("kind") is None else str(q["kind"]), q)]
             if isinstance(q.get("emission"), dict):
@@ -327,6 +362,4 @@ def registration_qc_table(register_dirs: Mapping[str, str | Path]) -> pd.DataFra
                              "inverse_consistency_mm": e.get("inverse_consistency_mm"),
                              "body_dice": e.get("body_dice"), "passed": bool(e.get("passed", False)),
                              "reasons": "; ".join(e.get("reasons") or [])})
-    cols = ["patient", "session", "registration", "reference_session", "metric", "inverse_consistency_mm",
-            "body_dice", "passed", "reasons"]
-    return pd.DataFrame(rows, columns=cols)
+    return layout.REGISTRATION_QC_TABLE.frame(rows)

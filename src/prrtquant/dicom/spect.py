@@ -39,13 +39,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pydicom
 import SimpleITK as sitk
 
-from .dicom_values import number, text
+from ..errors import NMGeometryError, NMValueError
+from .values import number, text
 
 Array = np.ndarray
 
@@ -57,14 +57,6 @@ _RWV_UNITS = {"bq/ml": ("BQML", 1.0), "bq/cm3": ("BQML", 1.0), "kbq/ml": ("BQML"
               "{counts}": ("CNTS", 1.0), "counts": ("CNTS", 1.0), "cnts": ("CNTS", 1.0), "{cnts}": ("CNTS", 1.0),
               "{counts}/{voxel}": ("CNTS", 1.0)}
 _AGREE_RTOL = 1e-4
-
-
-class NMGeometryError(ValueError):
-    pass
-
-
-class NMValueError(ValueError):
-    """Pixel values whose meaning the header does not make clear (the message names the tags)."""
 
 
 @dataclass(frozen=True)
