@@ -126,7 +126,8 @@ MODULE_ORDER = ["test_workflow.py", "test_slurm.py",
                 "test_package.py", "test_suv_ibsi.py", "test_seg.py", "test_phantom_readback.py", "test_nm_values.py",
                 "test_dosimetry.py", "test_published_values.py", "test_quantify.py", "test_geometry.py", "test_envs.py", "test_io.py",
                 "test_register_mr.py", "test_quantify_stage.py", "test_absolute_spect.py", "test_bad_input.py",
-                "test_config.py", "test_dosimetry_stage.py", "test_register_stage.py"]
+                "test_config.py", "test_dosimetry_stage.py", "test_register_stage.py",
+                "test_report_browser.py"]
 WORKFLOW_TEST = "tests/test_workflow.py::test_workflow_runs_on_bundled_cohort"
 _WORKFLOW_SELECTED = pytest.StashKey[bool]()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from html.parser import HTMLParser
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import pandas as pd
 import pytest
 
 from conftest import COHORT, ROOT, load_truth
-from prrtquant.stages import layout
+from prrtquant.stages import layout, report
 
 SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
 
@@ -108,7 +109,7 @@ def test_workflow_runs_on_bundled_cohort(cohort_workflow_run, tmp_path):
     assert rep.returncode == 0, rep.stderr[-3000:]
     html = (tmp_path / "report.html").read_text(errors="ignore")
     for needle in ("Registration QC", "Endpoints", "Dosimetry", "Cohort", "lobar_tn_paired", "lesions.tsv",
-                   "registration_qc.tsv", "physical_bounds.html"):
+                   "registration_qc.tsv", "physical_bounds.html", "Patients", "P01.html"):
         assert needle in html, needle
     # plausible patients: no physically impossible number anywhere
     assert pd.read_csv(results / "cohort" / "physical_bounds.tsv", sep="\t").empty
@@ -136,3 +137,80 @@ def test_workflow_runs_on_bundled_cohort(cohort_workflow_run, tmp_path):
                 text = f.read_text(errors="ignore")
                 for ident in t["identifiers"].values():
                     assert ident not in text, (f, ident)
+
+
+class _Tables(HTMLParser):
+    """Every <table id=...> of a page as a list of rows (cell texts)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: dict[str, list[list[str]]] = {}
+        self.ids: set[str] = set()
+        self._table: str | None = None
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        if a.get("id"):
+            self.ids.add(str(a["id"]))
+        if tag == "table":
+            self._table = str(a.get("id"))
+            self.tables[self._table] = []
+        elif tag == "tr" and self._table is not None:
+            self.tables[self._table].append([])
+        elif tag in ("td", "th") and self._table is not None:
+            self._cell = []
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None:
+            self._cell.append(data)
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("td", "th") and self._cell is not None and self._table is not None:
+            self.tables[self._table][-1].append("".join(self._cell).strip())
+            self._cell = None
+        elif tag == "table":
+            self._table = None
+
+
+def _page_tables(path: Path) -> _Tables:
+    parser = _Tables()
+    parser.feed(path.read_text(encoding="utf-8"))
+    return parser
+
+
+@pytest.mark.slow
+def test_patient_pages(cohort_workflow_run):
+    """Each patient's page (rule patient_page) shows the decision, lesions, lobar T/N, doses and QC as tables
+    whose numbers are the stage tables' rounded to 4 significant digits; a failed patient's page says so."""
+    results = Path(cohort_workflow_run["results"])
+    for p in COHORT:
+        page = _page_tables(results / p / "report" / f"{p}.html")
+        elig = json.loads((results / p / "quantify" / "eligibility.json").read_text())
+        decision = dict(r for r in page.tables["decision"] if len(r) == 2)
+        assert decision["decision value"] == report.fmt(elig["value"])
+        assert abs(float(decision["decision value"]) - elig["value"]) <= 5e-4 * abs(elig["value"])  # 4 digits
+        assert decision["decision"].startswith("eligible" if elig["eligible"] else "not eligible")
+        assert report.DECISION_WORDS[elig["statistic"]] in decision["definition"]
+        lesions = pd.read_csv(results / p / "quantify" / "lesions.tsv", sep="\t")
+        head, *rows = page.tables["lesions"]
+        assert len(rows) == len(lesions) and head[0] == "lesion" and "ER (SUVmax)" in head
+        er = [r[head.index("ER (SUVmax)")] for r in rows]
+        assert er == [report.fmt(float(v)) for v in lesions.er_max]
+        dos = pd.read_csv(results / p / "dosimetry" / "dosimetry.tsv", sep="\t", dtype={"cycle": str})
+        head, *rows = page.tables["dosimetry"]
+        assert len(rows) == len(dos) and "cumulative" in {r[0] for r in rows}
+        kid = dos[(dos.region == "kidney_left") & (dos.cycle == "cumulative")].iloc[0]
+        row = next(r for r in rows if r[0] == "cumulative" and r[1] == "kidney_left")
+        assert row[head.index("dose, kernel (Gy)")] == report.fmt(float(kid.dose_kernel_gy))
+        assert row[head.index("limit (Gy)")] == report.fmt(float(kid.limit_gy))
+        qc = json.loads((results / p / "register" / "qc.json").read_text())
+        assert len(page.tables["registration_qc"]) - 1 == len(qc["sessions"])
+        if elig["design"] == "lobar_ia":
+            lobes = pd.read_csv(results / p / "quantify" / "lobes.tsv", sep="\t")
+            head, *rows = page.tables["lobes"]
+            assert len(rows) == len(lobes) and [r[head.index("T/N")] for r in rows] == [
+                report.fmt(float(v)) for v in lobes.tn]
+        assert "flags" in page.ids
+    failed = _page_tables(results / "P04" / "report" / "P04.html")
+    assert "failed" in failed.ids and not failed.tables

@@ -170,6 +170,14 @@ def _cmd_cohort(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_page(args: argparse.Namespace) -> int:
+    from .stages.report import write_patient_page
+
+    path = write_patient_page(args.out, args.patient, args.register, args.quantify, args.dosimetry)
+    log.info("%s: patient page %s", args.patient, path)
+    return 0
+
+
 def _cmd_qc(args: argparse.Namespace) -> int:
     from .io import atomic_path
     from .stages.cohort import registration_qc_table
@@ -290,7 +298,7 @@ def _add_stages(sub: Any, common: argparse.ArgumentParser, stage: argparse.Argum
 
 
 def _add_cohort(sub: Any, common: argparse.ArgumentParser) -> None:
-    """The cohort sub-commands: cohort, qc, stack."""
+    """The cohort and report sub-commands: cohort, qc, page, stack."""
     co = sub.add_parser("cohort", parents=[common], help="cohort tables, eligibility count, lobar comparison, plots",
                         description="Stack every patient's quantify tables, count eligible patients, compare treated "
                                     "vs control lobe T/N across lobar patients (paired t-test on log T/N, geometric "
@@ -309,6 +317,17 @@ def _add_cohort(sub: Any, common: argparse.ArgumentParser) -> None:
                     help="a patient's register folder (repeat per patient)")
     qc.add_argument("--out", required=True, type=Path)
     qc.set_defaults(func=_cmd_qc)
+
+    pg = sub.add_parser("page", parents=[common], help="one patient's page (HTML): decision, tables, doses, QC, flags",
+                        description="Write one self-contained HTML page for one patient: the IA decision with its "
+                                    "value and definition, lesions, lobar T/N, TIA / dose / BED per cycle and "
+                                    "cumulative against the limits, registration QC and every flag.")
+    pg.add_argument("patient", help="the patient's pseudonym")
+    pg.add_argument("--register", required=True, type=Path, help="the patient's register folder")
+    pg.add_argument("--quantify", required=True, type=Path, help="the patient's quantify folder")
+    pg.add_argument("--dosimetry", type=Path, help="the patient's dosimetry folder")
+    pg.add_argument("--out", required=True, type=Path, help="the HTML file")
+    pg.set_defaults(func=_cmd_page)
 
     sk = sub.add_parser("stack", parents=[common], help="stack per-patient tables into a cohort table")
     sk.add_argument("--table", action="append", default=[], metavar="PATIENT=PATH", help="repeat per patient")

@@ -47,4 +47,5 @@ def all_targets():
         f"{RESULTS}/cohort/inventory.tsv",
         f"{RESULTS}/cohort/summary.json",
         f"{RESULTS}/cohort/registration_qc.tsv",
-    ] + expand(f"{RESULTS}/{{patient}}/{{stage}}", patient=PATIENTS.index, stage=["quantify", "dosimetry"])
+    ] + expand(f"{RESULTS}/{{patient}}/{{stage}}", patient=PATIENTS.index, stage=["quantify", "dosimetry"]) + expand(
+        f"{RESULTS}/{{patient}}/report/{{patient}}.html", patient=PATIENTS.index)
