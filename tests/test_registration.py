@@ -164,6 +164,21 @@ def test_ct_registration_tre_and_qc(cohort, registrations):
                 np.testing.assert_allclose(back, info["center_mm"], atol=1e-6)
 
 
+def test_registration_is_bit_reproducible(cohort, registrations):
+    """With the default ``threads`` 1, registering the same pair again gives the same transform, QC and
+    stage metrics to the last bit (ITK's multi-threaded Mattes MI does not: ~1e-7..1e-4 between runs)."""
+    c = cohort["P01"]
+    sid = "spect_c1_4h"
+    first = registrations["P01"][sid]
+    again = register_ct(c["ref_ct"], sitk.ReadImage(str(c["dir"] / sid / "ct.nii.gz")))
+    assert RegistrationSettings().threads == 1
+    assert again.transform.GetParameters() == first.transform.GetParameters()
+    assert again.transform.GetFixedParameters() == first.transform.GetFixedParameters()
+    assert (again.metric, again.inverse_consistency_mm, again.body_dice) == (
+        first.metric, first.inverse_consistency_mm, first.body_dice)
+    assert again.stages == first.stages
+
+
 def test_forced_affine_stage_tre(cohort):
     """With the affine result always kept (no MI-gain guard), TRE stays <= 2 mm (three P01 sessions)."""
     c = cohort["P01"]

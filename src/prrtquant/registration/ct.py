@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Sequence
 
 import numpy as np
@@ -182,9 +184,31 @@ def initial_alignment(fixed: sitk.Image, moving: sitk.Image, fixed_body: sitk.Im
 
 # =============================================================================== registration core
 
+def registration_method(settings: RegistrationSettings) -> sitk.ImageRegistrationMethod:
+    """A SimpleITK registration with the settings' threads (``threads``: 1 is bit-reproducible)."""
+    r = sitk.ImageRegistrationMethod()
+    if settings.threads > 0:
+        r.SetNumberOfThreads(int(settings.threads))
+    return r
+
+
+@contextlib.contextmanager
+def itk_threads(n: int) -> Iterator[None]:
+    """ITK's global default number of threads set to ``n`` (> 0) inside the block, restored after it."""
+    if n <= 0:
+        yield
+        return
+    before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(int(n))
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)
+
+
 def _method(settings: RegistrationSettings, fixed_mask: sitk.Image | None, shrink: Sequence[int],
             sigmas: Sequence[float]) -> sitk.ImageRegistrationMethod:
-    r = sitk.ImageRegistrationMethod()
+    r = registration_method(settings)
     r.SetMetricAsMattesMutualInformation(numberOfHistogramBins=settings.histogram_bins)
     r.SetMetricSamplingStrategy(r.RANDOM)
     r.SetMetricSamplingPercentage(float(settings.sampling_percentage), int(settings.seed))
@@ -277,6 +301,8 @@ def _demons_stage(f: sitk.Image, m: sitk.Image, linear: sitk.Transform,
         else:
             init = sitk.Resample(field, fs, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64)
         d = sitk.FastSymmetricForcesDemonsRegistrationFilter()
+        if s.threads > 0:
+            d.SetNumberOfThreads(int(s.threads))
         d.SetNumberOfIterations(int(s.demons_iterations))
         d.SetStandardDeviations(float(s.demons_sigma_vox))
         field = d.Execute(fs, ms, init)
@@ -412,7 +438,7 @@ def _body_centroid(body: sitk.Image) -> tuple[float, float, float]:
 
 def _final_metric(fixed_w: sitk.Image, moving_w: sitk.Image, fmask: sitk.Image, t: sitk.Transform,
                   s: RegistrationSettings) -> float:
-    r = sitk.ImageRegistrationMethod()
+    r = registration_method(s)
     r.SetMetricAsMattesMutualInformation(numberOfHistogramBins=s.histogram_bins)
     r.SetMetricSamplingStrategy(r.RANDOM)
     r.SetMetricSamplingPercentage(min(1.0, max(float(s.sampling_percentage), 0.5)), int(s.seed))
@@ -491,6 +517,12 @@ def register_ct(fixed: sitk.Image, moving: sitk.Image,
     RegistrationResult
         ``transform`` maps reference points to session points; ``inverse`` session to reference.
     """
+    with itk_threads((settings or RegistrationSettings()).threads):
+        return _register_ct(fixed, moving, settings, initial)
+
+
+def _register_ct(fixed: sitk.Image, moving: sitk.Image, settings: RegistrationSettings | None,
+                 initial: sitk.Transform | None) -> RegistrationResult:
     s = settings if settings is not None else RegistrationSettings()
     if s.deformable and s.deformable_model not in ("demons", "bspline"):
         raise ValueError(f"unknown deformable_model {s.deformable_model!r} (demons or bspline)")
