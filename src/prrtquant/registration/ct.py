@@ -184,17 +184,10 @@ def initial_alignment(fixed: sitk.Image, moving: sitk.Image, fixed_body: sitk.Im
 
 # =============================================================================== registration core
 
-def registration_method(settings: RegistrationSettings) -> sitk.ImageRegistrationMethod:
-    """A SimpleITK registration with the settings' threads (``threads``: 1 is bit-reproducible)."""
-    r = sitk.ImageRegistrationMethod()
-    if settings.threads > 0:
-        r.SetNumberOfThreads(int(settings.threads))
-    return r
-
-
 @contextlib.contextmanager
 def itk_threads(n: int) -> Iterator[None]:
-    """ITK's global default number of threads set to ``n`` (> 0) inside the block, restored after it."""
+    """ITK's global default number of threads set to ``n`` (> 0) inside the block, restored after it: every
+    ITK filter and registration created inside (metric, optimiser, demons) uses ``n`` threads."""
     if n <= 0:
         yield
         return
@@ -208,7 +201,7 @@ def itk_threads(n: int) -> Iterator[None]:
 
 def _method(settings: RegistrationSettings, fixed_mask: sitk.Image | None, shrink: Sequence[int],
             sigmas: Sequence[float]) -> sitk.ImageRegistrationMethod:
-    r = registration_method(settings)
+    r = sitk.ImageRegistrationMethod()
     r.SetMetricAsMattesMutualInformation(numberOfHistogramBins=settings.histogram_bins)
     r.SetMetricSamplingStrategy(r.RANDOM)
     r.SetMetricSamplingPercentage(float(settings.sampling_percentage), int(settings.seed))
@@ -301,8 +294,6 @@ def _demons_stage(f: sitk.Image, m: sitk.Image, linear: sitk.Transform,
         else:
             init = sitk.Resample(field, fs, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64)
         d = sitk.FastSymmetricForcesDemonsRegistrationFilter()
-        if s.threads > 0:
-            d.SetNumberOfThreads(int(s.threads))
         d.SetNumberOfIterations(int(s.demons_iterations))
         d.SetStandardDeviations(float(s.demons_sigma_vox))
         field = d.Execute(fs, ms, init)
@@ -438,7 +429,7 @@ def _body_centroid(body: sitk.Image) -> tuple[float, float, float]:
 
 def _final_metric(fixed_w: sitk.Image, moving_w: sitk.Image, fmask: sitk.Image, t: sitk.Transform,
                   s: RegistrationSettings) -> float:
-    r = registration_method(s)
+    r = sitk.ImageRegistrationMethod()
     r.SetMetricAsMattesMutualInformation(numberOfHistogramBins=s.histogram_bins)
     r.SetMetricSamplingStrategy(r.RANDOM)
     r.SetMetricSamplingPercentage(min(1.0, max(float(s.sampling_percentage), 0.5)), int(s.seed))
